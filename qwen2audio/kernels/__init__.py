@@ -1,0 +1,5 @@
+"""Small numeric kernels. `reference.py` holds the plain-torch versions: the specification and the test oracle."""
+
+from .reference import apply_rope, rms_norm, rope_cos_sin, silu_mul
+
+__all__ = ["apply_rope", "rms_norm", "rope_cos_sin", "silu_mul"]

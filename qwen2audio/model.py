@@ -1,0 +1,114 @@
+"""Qwen2-Audio: audio encoder + projector + Qwen2 decoder; matches transformers' Qwen2AudioForConditionalGeneration.
+
+Module paths equal the Hub checkpoint keys (`audio_tower.*`, `multi_modal_projector.*`, `language_model.*`), so a
+checkpoint loads with `load_state_dict(strict=True)` and no renaming.
+"""
+
+import torch
+from torch import Tensor, nn
+
+from .config import Qwen2AudioConfig
+from .decoder import Qwen2ForCausalLM
+from .encoder import AudioEncoder, MultiModalProjector, encoder_window
+from .errors import InputError
+from .features import encoder_lengths
+
+
+def causal_padding_mask(attention_mask: Tensor, query_slots: Tensor, n_keys: int) -> Tensor:
+    """(B, 1, T, n_keys) bool "may attend" mask for queries at cache slots query_slots (T,).
+
+    attention_mask (B, >= n_keys or fewer) marks real tokens (1) and left padding (0) by slot. Padded query rows
+    would see no key at all; they attend to their own slot instead so that no row of SDPA is empty (their outputs
+    are never used).
+    """
+    keys = torch.arange(n_keys, device=query_slots.device)
+    valid = torch.zeros(attention_mask.shape[0], n_keys, dtype=torch.bool, device=query_slots.device)
+    n = min(n_keys, attention_mask.shape[1])
+    valid[:, :n] = attention_mask[:, :n].bool()
+    mask = (keys[None, :] <= query_slots[:, None])[None] & valid[:, None, :]  # (B, T, n_keys)
+    mask |= (keys[None, :] == query_slots[:, None])[None]
+    return mask[:, None]
+
+
+def positions_from_mask(attention_mask: Tensor) -> Tensor:
+    """RoPE positions that skip left padding: cumsum(mask) - 1, pads at 0 (what transformers' generate() uses)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class Qwen2AudioForConditionalGeneration(nn.Module):
+    def __init__(self, cfg: Qwen2AudioConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.audio_tower = AudioEncoder(cfg.audio_config)
+        self.multi_modal_projector = MultiModalProjector(cfg.audio_config.d_model, cfg.text_config.hidden_size)
+        self.language_model = Qwen2ForCausalLM(cfg.text_config)
+        # "fast" encodes each batch of clips up to its longest valid length; "reference" always encodes 30 s.
+        self.encoder_mode = "fast"
+
+    def encode_audio(self, input_features: Tensor, feature_attention_mask: Tensor, mode: str | None = None) -> Tensor:
+        """log-mel (n_audio, n_mels, 3000) + frame mask (n_audio, 3000) -> projected rows (sum of tokens, hidden),
+        the rows of audio 0, then audio 1, ... : what replaces the <|AUDIO|> tokens."""
+        mode = mode or self.encoder_mode
+        if mode not in ("fast", "reference"):
+            raise InputError(f"encoder mode must be 'fast' or 'reference', got {mode!r}")
+        if feature_attention_mask is None:
+            raise InputError("input_features need their feature_attention_mask (the processor returns both)")
+        a = self.cfg.audio_config
+        if input_features.ndim != 3 or input_features.shape[1:] != (a.num_mel_bins, a.n_frames):
+            raise InputError(f"input_features must be (n_audio, {a.num_mel_bins}, {a.n_frames}) log-mels padded to "
+                             f"30 s, got {tuple(input_features.shape)}; use the processor or features.extract_features")
+        mel_frames = feature_attention_mask.sum(-1)  # (n_audio,)
+        valid_positions, n_tokens = encoder_lengths(mel_frames)
+        n_frames, n_positions = encoder_window(mel_frames, a, full=mode == "reference")
+        if n_positions == 0:  # every clip too short for even one encoder position
+            return input_features.new_zeros(0, self.cfg.text_config.hidden_size,
+                                            dtype=self.multi_modal_projector.linear.weight.dtype)
+        states = self.audio_tower(input_features[:, :, :n_frames], valid_positions, n_positions)
+        rows = self.multi_modal_projector(states)  # (n_audio, n_positions // 2, hidden)
+        keep = torch.arange(rows.shape[1], device=rows.device)[None, :] < n_tokens.to(rows.device)[:, None]
+        return rows[keep]  # boolean indexing is row-major: audio order, then time
+
+    def embed(self, input_ids: Tensor, input_features: Tensor | None = None,
+              feature_attention_mask: Tensor | None = None) -> Tensor:
+        """Token embeddings (B, T, hidden) with the audio rows scattered into the <|AUDIO|> positions."""
+        embeds = self.language_model.model.embed_tokens(input_ids)
+        is_audio = input_ids == self.cfg.audio_token_index
+        n_slots = int(is_audio.sum())
+        if input_features is None:
+            if n_slots:
+                raise InputError(f"input_ids hold {n_slots} <|AUDIO|> tokens but no input_features were given")
+            return embeds
+        audio = self.encode_audio(input_features, feature_attention_mask)
+        if audio.shape[0] != n_slots:
+            raise InputError(f"the audio gives {audio.shape[0]} audio tokens but input_ids hold {n_slots} <|AUDIO|> "
+                             "tokens; expand each <|AUDIO|> to its clip's token count (the processor does this)")
+        return embeds.masked_scatter(is_audio[..., None], audio.to(embeds.dtype))  # row-major fill
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, input_features: Tensor | None = None,
+                feature_attention_mask: Tensor | None = None) -> Tensor:
+        """Logits (B, T, vocab) for every position, without the cache (the reference's forward)."""
+        x = self.embed(input_ids, input_features, feature_attention_mask)
+        B, T = input_ids.shape
+        if attention_mask is None or bool(attention_mask.all()):
+            positions = torch.arange(T, device=x.device).expand(B, T)
+            mask = None  # plain causal attention
+        else:
+            positions = positions_from_mask(attention_mask)
+            mask = causal_padding_mask(attention_mask, torch.arange(T, device=x.device), T)
+        return self.language_model.lm_head(self.language_model.model(x, positions, mask))
+
+    def forward_cached(self, x: Tensor, positions: Tensor, input_pos: Tensor, mask: Tensor,
+                       last_only: bool = True) -> Tensor:
+        """One incremental step through the static cache (allocate it with setup_cache).
+
+        x (B, T, hidden) embeddings of new tokens, positions (B, T) RoPE positions, input_pos (T,) cache slots,
+        mask (B, 1, T, max_seq_len). Returns logits (B, 1, vocab) of the last position, or (B, T, vocab).
+        """
+        h = self.language_model.model(x, positions, mask, input_pos)
+        return self.language_model.lm_head(h[:, -1:] if last_only else h)
+
+    def setup_cache(self, batch_size: int, max_seq_len: int) -> None:
+        if max_seq_len > self.cfg.text_config.max_position_embeddings:
+            raise InputError(f"a cache of {max_seq_len} positions exceeds max_position_embeddings "
+                             f"({self.cfg.text_config.max_position_embeddings}); shorten the prompt or max_new_tokens")
+        self.language_model.setup_cache(batch_size, max_seq_len)

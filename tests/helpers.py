@@ -1,0 +1,49 @@
+"""Builders for random tiny checkpoints, written by transformers' own save_pretrained (the Hub's key names)."""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+AUDIO_TOKEN = 151646
+AUDIO_BOS, AUDIO_EOS = 151647, 151648
+TINY_VOCAB = 151936  # room for the real special-token ids
+
+
+def tiny_hf_config(gqa: bool = False, **text_overrides):
+    from transformers import Qwen2AudioConfig
+
+    text = dict(model_type="qwen2", vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2 if gqa else 4, max_position_embeddings=2048,
+                rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=151643,
+                eos_token_id=151645)
+    text.update(text_overrides)
+    audio = dict(model_type="qwen2_audio_encoder", num_mel_bins=128, d_model=32, encoder_layers=2,
+                 encoder_attention_heads=4, encoder_ffn_dim=64, max_source_positions=1500)
+    return Qwen2AudioConfig(audio_config=audio, text_config=text, audio_token_index=AUDIO_TOKEN)
+
+
+def save_tiny_checkpoint(folder: Path, seed: int = 0, dtype: torch.dtype = torch.float32,
+                         max_shard_size: str | None = None, **config_kwargs) -> Path:
+    """A random Qwen2AudioForConditionalGeneration saved with save_pretrained; returns the folder."""
+    from transformers import Qwen2AudioForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Qwen2AudioForConditionalGeneration(tiny_hf_config(**config_kwargs)).to(dtype).eval()
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, **kwargs)
+    return Path(folder)
+
+
+def load_hf(folder: Path, dtype: torch.dtype = torch.float32):
+    from transformers import Qwen2AudioForConditionalGeneration
+
+    return Qwen2AudioForConditionalGeneration.from_pretrained(folder, dtype=dtype).eval()
+
+
+def test_signal(seconds: float, seed: int = 0, sr: int = 16000) -> np.ndarray:
+    """A deterministic mixture of tones and noise, float32 in [-1, 1]."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sr)) / sr
+    x = 0.3 * np.sin(2 * np.pi * (220 + 40 * seed) * t) + 0.2 * np.sin(2 * np.pi * 1870 * t) + 0.05 * rng.standard_normal(t.size)
+    return x.astype(np.float32)
