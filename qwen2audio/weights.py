@@ -53,8 +53,11 @@ def checkpoint_shards(folder: Path) -> dict[Path, list[str]]:
         return shards
     single = folder / SINGLE_FILE
     if single.is_file():
-        with safe_open(single, framework="pt") as f:
-            return {single: list(f.keys())}
+        try:
+            with safe_open(single, framework="pt") as f:
+                return {single: list(f.keys())}
+        except Exception as e:  # safetensors raises its own types for truncated or corrupt files
+            raise WeightsError(f"cannot read {single}: {e}; the file may be truncated or corrupt") from None
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
         raise WeightsError(f"{folder} holds only pickle checkpoints (.bin/.pt), which qwen2audio never loads; "
                            "use the safetensors files of the Hub repo")

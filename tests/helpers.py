@@ -47,3 +47,39 @@ def test_signal(seconds: float, seed: int = 0, sr: int = 16000) -> np.ndarray:
     t = np.arange(int(seconds * sr)) / sr
     x = 0.3 * np.sin(2 * np.pi * (220 + 40 * seed) * t) + 0.2 * np.sin(2 * np.pi * 1870 * t) + 0.05 * rng.standard_normal(t.size)
     return x.astype(np.float32)
+
+
+def hf_audio_rows(hf_model, input_features: torch.Tensor, feature_attention_mask: torch.Tensor) -> torch.Tensor:
+    """The reference's projected, trimmed audio rows, as Qwen2AudioModel.forward computes them (5.24)."""
+    from transformers.masking_utils import create_bidirectional_mask
+
+    inner = hf_model.model
+    tower = inner.audio_tower
+    conv_lengths, token_lengths = tower._get_feat_extract_output_lengths(feature_attention_mask.sum(-1))
+    n_positions = (input_features.shape[-1] - 2) // 2 + 1
+    mask_2d = (torch.arange(n_positions)[None, :] < conv_lengths[:, None]).long()
+    dummy = torch.zeros(input_features.shape[0], n_positions, 1, dtype=inner.multi_modal_projector.linear.weight.dtype)
+    mask = create_bidirectional_mask(config=tower.config, inputs_embeds=dummy, attention_mask=mask_2d)
+    states = tower(input_features, attention_mask=mask).last_hidden_state
+    rows = inner.multi_modal_projector(states)
+    keep = torch.arange(rows.shape[1])[None, :] < token_lengths[:, None]
+    return rows[keep]
+
+
+def audio_prompt_ids(token_counts: list[int], text_ids: list[list[int]]) -> list[int]:
+    """Hand-built expanded ids: text_ids[0], then per audio <|audio_bos|> N x <|AUDIO|> <|audio_eos|> text_ids[i+1]."""
+    ids = list(text_ids[0])
+    for i, n in enumerate(token_counts):
+        ids += [AUDIO_BOS] + [AUDIO_TOKEN] * n + [AUDIO_EOS] + list(text_ids[i + 1])
+    return ids
+
+
+def left_pad(rows: list[list[int]], pad_id: int = 151643) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) with left padding."""
+    longest = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (longest - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+test_signal.__test__ = False  # a fixture maker, not a test
