@@ -7,6 +7,7 @@ import torch
 from .config import GenerationConfig, Qwen2AudioConfig
 from .errors import WeightsError
 from .model import Qwen2AudioForConditionalGeneration
+from .quantize import quantize_int8
 from .weights import MODEL_FILES, load_weights
 
 
@@ -55,9 +56,16 @@ class Qwen2Audio:
 
 
 def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-         quiet: bool = False) -> Qwen2Audio:
-    """Load a Qwen2-Audio checkpoint folder (or Hub repo id). dtype=None keeps the checkpoint's dtype."""
+         quantize: str | None = None, quiet: bool = False) -> Qwen2Audio:
+    """Load a Qwen2-Audio checkpoint folder (or Hub repo id). dtype=None keeps the checkpoint's dtype.
+
+    quantize="int8" swaps the decoder's linear layers for weight-only int8 after loading.
+    """
+    if quantize not in (None, "int8"):
+        raise WeightsError(f"quantize must be None or 'int8', got {quantize!r}")
     folder = resolve_model_path(path, quiet=quiet)
     config = Qwen2AudioConfig.from_file(folder)
     model = load_weights(folder, config, dtype=dtype, device=device)
+    if quantize == "int8":
+        quantize_int8(model)
     return Qwen2Audio(model, config, folder, GenerationConfig.from_file(folder))

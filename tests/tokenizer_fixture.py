@@ -6,9 +6,12 @@ on. We keep `<|endoftext|>`, `<|im_start|>`, `<|im_end|>` (151643-151645) and pu
 151646-151648, as in the Hub repos.
 """
 
+import atexit
+import functools
 import importlib.util
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -82,15 +85,31 @@ def write_tokenizer_files(folder: Path, fast: bool = True, eos_token: str = "<|e
     return folder
 
 
+_SHARED_FOLDERS: dict[bool, Path] = {}
+
+
+def shared_tokenizer_folder(fast: bool = True) -> Path:
+    """One folder per process, shared by all test modules (a session fixture outside conftest.py would be built once
+    per module); removed at exit."""
+    if fast not in _SHARED_FOLDERS:
+        folder = Path(tempfile.mkdtemp(prefix=f"qwen2audio-tokenizer-{'fast' if fast else 'vocab'}-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        _SHARED_FOLDERS[fast] = write_tokenizer_files(folder, fast=fast)
+    return _SHARED_FOLDERS[fast]
+
+
+@functools.cache
 def hf_tokenizer(folder: Path):
-    """transformers' Qwen2Tokenizer from the same files (the oracle)."""
+    """transformers' Qwen2Tokenizer from the same files (the oracle; cached, do not modify it)."""
     from transformers import Qwen2Tokenizer
 
     return Qwen2Tokenizer.from_pretrained(str(folder))
 
 
+@functools.cache
 def hf_processor(folder: Path):
-    """transformers' Qwen2AudioProcessor from the same files, with left padding as the official eval scripts set."""
+    """transformers' Qwen2AudioProcessor from the same files, with left padding as the official eval scripts set
+    (cached, do not modify it)."""
     from transformers import Qwen2AudioProcessor
 
     processor = Qwen2AudioProcessor.from_pretrained(str(folder))

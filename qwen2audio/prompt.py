@@ -1,0 +1,207 @@
+"""Prompts and the processor: matches transformers' Qwen2AudioProcessor (chat template, <|AUDIO|> expansion, batching).
+
+A prompt holds one `<|AUDIO|>` per clip. The processor turns each clip into log-mel features, replaces its
+`<|AUDIO|>` by as many copies as the encoder will produce audio tokens for it (25 per second, at most 750), and
+tokenizes; the model later writes the audio embeddings into exactly those positions.
+"""
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import ConfigError, InputError
+from .features import N_MELS, SAMPLE_RATE, audio_token_count, extract_features
+from .tokenizer import AUDIO, AUDIO_BOS, AUDIO_EOS, IM_END, IM_START, Tokenizer
+
+Message = dict  # {"role": str, "content": str | list[dict]}; see `apply_chat_template`
+Waveform = np.ndarray | Tensor  # mono, 16 kHz, 1-D
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+AUDIO_PLACEHOLDER = f"{AUDIO_BOS}{AUDIO}{AUDIO_EOS}"  # one clip, before expansion
+BASE_CAPTION_PROMPT = f"{AUDIO_PLACEHOLDER}Generate the caption in English:"
+_AUDIO_SOURCE_KEYS = ("audio", "audio_url", "url", "path")  # where an audio item keeps its clip, first found wins
+
+
+def base_prompt(text: str = "Generate the caption in English:", num_audios: int = 1) -> str:
+    """A prompt for the base (non-Instruct) model: the audio tags, then the task text, no chat format (facts §8)."""
+    return AUDIO_PLACEHOLDER * num_audios + text
+
+
+def _is_audio_item(message: Message, item: dict) -> bool:
+    # The reference template's test, including its message-level "type" check.
+    return "audio" in item or "audio_url" in item or message.get("type") == "audio" or item.get("type") == "audio"
+
+
+def _content_items(message: Message) -> list[dict]:
+    content = message.get("content")
+    if content is None:  # transformers drops None-valued keys; the template then renders an empty message
+        return []
+    if not isinstance(content, list) or not all(isinstance(item, dict) for item in content):
+        raise InputError(f"message content must be a string or a list of dicts like {{'type': 'text', 'text': ...}} "
+                         f"or {{'type': 'audio', 'audio_url': PATH}}; got {content!r:.80}")
+    return content
+
+
+def apply_chat_template(conversation: Sequence[Message], add_generation_prompt: bool = True) -> str:
+    """The Instruct (ChatML) prompt, identical to transformers' Qwen2AudioProcessor default chat template.
+
+    A system message "You are a helpful assistant." is added unless the conversation starts with one. Each audio
+    item becomes `Audio {k}: <|audio_bos|><|AUDIO|><|audio_eos|>\\n`, numbered across the whole conversation; text
+    items are written verbatim, with nothing between items.
+    """
+    parts: list[str] = []
+    audio_count = 0
+    for index, message in enumerate(conversation):
+        if "role" not in message:
+            raise InputError(f"message {index} has no 'role' (use 'system', 'user' or 'assistant')")
+        if index == 0 and message["role"] != "system":
+            parts.append(f"{IM_START}system\n{DEFAULT_SYSTEM_PROMPT}{IM_END}\n")
+        parts.append(f"{IM_START}{message['role']}\n")
+        if isinstance(message.get("content"), str):
+            parts.append(f"{message['content']}{IM_END}\n")
+            continue
+        for item in _content_items(message):
+            if _is_audio_item(message, item):
+                audio_count += 1
+                parts.append(f"Audio {audio_count}: {AUDIO_PLACEHOLDER}\n")
+            elif "text" in item:
+                parts.append(str(item["text"]))
+        parts.append(f"{IM_END}\n")
+    if add_generation_prompt:
+        parts.append(f"{IM_START}assistant\n")
+    return "".join(parts)
+
+
+def conversation_audios(conversation: Sequence[Message]) -> list[str | Waveform]:
+    """The clips of a conversation in prompt order: each audio item's "audio" value (path or waveform), else its
+    "audio_url" (a path)."""
+    audios = []
+    for message in conversation:
+        if isinstance(message.get("content"), str):
+            continue
+        for item in _content_items(message):
+            if _is_audio_item(message, item):
+                key = next((k for k in _AUDIO_SOURCE_KEYS if item.get(k) is not None), None)
+                if key is None:
+                    raise InputError(f"audio item {item!r:.80} names no clip: add 'audio_url': PATH or 'audio': ARRAY")
+                audios.append(item[key])
+    return audios
+
+
+def _as_waveform(clip: object, index: int) -> Waveform:
+    if isinstance(clip, (str, Path)):
+        raise InputError(f"audio {index} is a path ({str(clip)!r}); the processor takes waveforms: decode it first "
+                         "with qwen2audio.audio.load_audio(path), which also resamples to 16 kHz")
+    if not isinstance(clip, (np.ndarray, Tensor)) or clip.ndim != 1:
+        shape = tuple(clip.shape) if isinstance(clip, (np.ndarray, Tensor)) else type(clip).__name__
+        raise InputError(f"audio {index} must be a mono 1-D float array or tensor at 16 kHz, got {shape}; "
+                         "average the channels of a stereo clip")
+    return clip
+
+
+def expand_audio_tokens(texts: list[str], counts: list[int]) -> list[str]:
+    """Replace the i-th <|AUDIO|> (row by row, left to right) by counts[i] copies of itself.
+
+    Done on the text, before tokenizing, as the reference does: a clip of <= 2 mel frames gets 0 tokens, and the
+    text on both sides of its placeholder is then tokenized as one piece.
+    """
+    remaining = iter(counts)
+    expanded = []
+    for text in texts:
+        pieces = text.split(AUDIO)  # n placeholders -> n + 1 pieces
+        expanded.append(pieces[0] + "".join(AUDIO * next(remaining) + piece for piece in pieces[1:]))
+    return expanded
+
+
+class Processor:
+    """Text + audio -> model inputs, equal to transformers' Qwen2AudioProcessor with left padding."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.audio_token = AUDIO
+        self.audio_token_id = tokenizer.audio_token_id
+        self.sampling_rate = SAMPLE_RATE
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "Processor":
+        """The tokenizer files of a checkpoint folder; preprocessor_config.json, if there, must describe our frontend."""
+        config_file = Path(folder) / "preprocessor_config.json"
+        if config_file.exists():
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+            for key, expected in (("feature_size", N_MELS), ("sampling_rate", SAMPLE_RATE)):
+                if config.get(key, expected) != expected:
+                    raise ConfigError(f"{config_file}: {key} is {config[key]}, but Qwen2-Audio's frontend uses "
+                                      f"{expected}; is this a Qwen2-Audio checkpoint?")
+        return cls(Tokenizer.from_folder(folder))
+
+    def apply_chat_template(self, conversation: Sequence[Message] | Sequence[Sequence[Message]],
+                            add_generation_prompt: bool = True, tokenize: bool = False) -> str | list[str] | dict:
+        """The prompt text (a list for a list of conversations); tokenize=True returns `self(prompt, audio=clips)`
+        (the clips must then be waveforms)."""
+        batched = len(conversation) > 0 and isinstance(conversation[0], (list, tuple))
+        conversations = conversation if batched else [conversation]
+        prompts = [apply_chat_template(c, add_generation_prompt) for c in conversations]
+        if not tokenize:
+            return prompts if batched else prompts[0]
+        audios = [clip for c in conversations for clip in conversation_audios(c)]
+        return self(prompts, audio=audios or None)
+
+    def __call__(self, text: str | list[str], audio: Sequence[Waveform] | Waveform | None = None,
+                 sampling_rate: int = SAMPLE_RATE, padding: bool | str = True, return_tensors: str = "pt", *,
+                 audios: object = None) -> dict[str, Tensor]:
+        """input_ids and attention_mask (B, T) int64, left-padded; with audio also input_features
+        (num_audios, 128, 3000) float32 and feature_attention_mask (num_audios, 3000) int32.
+
+        The i-th `<|AUDIO|>` in the texts (row by row, left to right) belongs to the i-th clip of `audio`.
+        """
+        if audios is not None:
+            raise InputError("the keyword is `audio=`, not `audios=` (the official Qwen2-Audio README's spelling, "
+                             "which transformers 4.5x silently ignored, dropping the audio): pass audio=[clip, ...]")
+        if return_tensors != "pt":
+            raise InputError(f"return_tensors={return_tensors!r} is not supported; use 'pt' (torch tensors)")
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise InputError("text must be a string or a non-empty list of strings")
+        clips = [] if audio is None else [audio] if isinstance(audio, (np.ndarray, Tensor)) else list(audio)
+        clips = [_as_waveform(clip, i) for i, clip in enumerate(clips)]
+        n_placeholders = sum(t.count(AUDIO) for t in texts)
+        if n_placeholders != len(clips):
+            raise InputError(f"the text has {n_placeholders} {AUDIO} placeholder(s) but {len(clips)} audio clip(s) "
+                             f"were given: put one {AUDIO_PLACEHOLDER} in the text for each clip, in the order of "
+                             "`audio` (apply_chat_template does this for every audio item of a conversation)")
+        if clips and sampling_rate != SAMPLE_RATE:
+            raise InputError(f"audio must be sampled at {SAMPLE_RATE} Hz, got sampling_rate={sampling_rate}: resample "
+                             "it first (qwen2audio.audio.load_audio decodes files and resamples them to 16 kHz)")
+
+        out: dict[str, Tensor] = {}
+        if clips:
+            features, frame_mask = extract_features(clips)  # (N, 128, 3000) float32, (N, 3000) int32
+            texts = expand_audio_tokens(texts, [audio_token_count(int(n)) for n in frame_mask.sum(-1)])
+            out["input_features"], out["feature_attention_mask"] = features, frame_mask
+        input_ids, attention_mask = self._pad(self.tokenizer.encode_batch(texts), padding)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, **out}
+
+    def _pad(self, rows: list[list[int]], padding: bool | str) -> tuple[Tensor, Tensor]:
+        """Left-pad the rows to the longest with the tokenizer's pad id -> (input_ids, attention_mask), int64."""
+        if padding not in (True, False, "longest", "do_not_pad"):
+            raise InputError(f"padding={padding!r} is not supported; use True (pad to the longest) or False")
+        width = max(len(r) for r in rows)
+        if any(len(r) != width for r in rows):
+            if padding in (False, "do_not_pad"):
+                raise InputError("texts of different lengths need padding=True to form one batch")
+            if self.tokenizer.pad_token_id is None:
+                raise ConfigError("the tokenizer has no pad token, so texts of different lengths cannot be batched")
+        pad_id = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long)
+        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+        return input_ids, attention_mask
+
+    def decode(self, ids: Sequence[int] | Tensor, skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(torch.as_tensor(ids).tolist(), skip_special_tokens)
+
+    def batch_decode(self, sequences: Sequence[Sequence[int]] | Tensor, skip_special_tokens: bool = False) -> list[str]:
+        return [self.decode(ids, skip_special_tokens) for ids in sequences]

@@ -1,0 +1,67 @@
+"""Weight-only int8 for the decoder's linear layers and the lm_head, applied to a built model as a module swap.
+
+Each output channel keeps one scale: w[o, :] ~= scales[o] * q[o, :] with q in [-127, 127] (symmetric, absmax).
+Activations stay in the model dtype; the matmul reads int8 weights (half the bytes of bf16), which is what bounds
+decoding speed at batch 1. The audio encoder stays in the model dtype.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """(out, in) float weight -> (int8 (out, in), float32 scales (out,)), per output channel absmax."""
+    w = weight.float()
+    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (scales * q)^T + bias, with q int8 and scales per output channel (in the activation dtype)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        dtype = linear.weight.dtype
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype, linear.weight.device)
+        q, scales = quantize_weight(linear.weight.data)
+        module.weight.copy_(q)
+        module.scales.copy_(scales.to(dtype))
+        if linear.bias is not None:
+            module.bias.data.copy_(linear.bias.data)
+        return module
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32, torch.float16):
+            # torch's fused CPU kernel: int8 weights are read as they are, never widened in memory.
+            flat = x.reshape(-1, self.in_features)
+            y = torch._weight_int8pack_mm(flat, self.weight, self.scales.to(x.dtype)).view(*x.shape[:-1], -1)
+        else:
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)  # fused by torch.compile on GPU
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def int8_module_names(model: nn.Module) -> list[str]:
+    """The linear layers that weight-only int8 replaces: every nn.Linear of the decoder, lm_head included."""
+    return [f"language_model.{name}" for name, m in model.language_model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Swap the decoder's nn.Linear layers for Int8Linear, in place; returns the model."""
+    for name in int8_module_names(model):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, Int8Linear.from_linear(getattr(parent, child)))
+    return model
