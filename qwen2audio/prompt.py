@@ -128,7 +128,7 @@ class Processor:
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "Processor":
-        """The tokenizer files of a checkpoint folder; preprocessor_config.json, if there, must describe our frontend."""
+        """From a checkpoint folder's tokenizer files; its preprocessor_config.json, if any, must match features.py."""
         config_file = Path(folder) / "preprocessor_config.json"
         if config_file.exists():
             config = json.loads(config_file.read_text(encoding="utf-8"))
@@ -166,8 +166,12 @@ class Processor:
         texts = [text] if isinstance(text, str) else list(text)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise InputError("text must be a string or a non-empty list of strings")
-        clips = [] if audio is None else [audio] if isinstance(audio, (np.ndarray, Tensor)) else list(audio)
-        clips = [_as_waveform(clip, i) for i, clip in enumerate(clips)]
+        if audio is None:
+            clips = []
+        elif isinstance(audio, (np.ndarray, Tensor)):  # one clip given bare
+            clips = [_as_waveform(audio, 0)]
+        else:
+            clips = [_as_waveform(clip, i) for i, clip in enumerate(audio)]
         n_placeholders = sum(t.count(AUDIO) for t in texts)
         if n_placeholders != len(clips):
             raise InputError(f"the text has {n_placeholders} {AUDIO} placeholder(s) but {len(clips)} audio clip(s) "

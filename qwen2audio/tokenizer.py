@@ -27,18 +27,27 @@ AUDIO, AUDIO_BOS, AUDIO_EOS = "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"
 REPLACEMENT_CHAR = "\ufffd"  # what a byte-level decode shows for an incomplete UTF-8 sequence
 
 
-def _bpe_from_vocab_files(folder: Path) -> _BackendTokenizer:
-    """The tokenizer.json pipeline, rebuilt from vocab.json + merges.txt."""
-    tok = _BackendTokenizer(BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"),
-                                          continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False,
-                                          byte_fallback=False))
+def _set_qwen2_pipeline(tok: _BackendTokenizer) -> _BackendTokenizer:
+    """Install Qwen2's text pipeline around the BPE model.
+
+    parity: transformers 5.24 builds Qwen2Tokenizer's pipeline in code even when tokenizer.json is present (it
+    keeps only the vocabulary, merges, added tokens and post-processor of the file), so we do the same.
+    """
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(SPLIT_REGEX), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),  # bytes -> printable chars, no regex
     ])
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)  # adds no tokens: there is no BOS
     tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _bpe_from_vocab_files(folder: Path) -> _BackendTokenizer:
+    """The tokenizer.json model rebuilt from vocab.json + merges.txt."""
+    tok = _BackendTokenizer(BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                                          continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False,
+                                          byte_fallback=False))
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)  # as in tokenizer.json: adds no tokens, no BOS
     return tok
 
 
@@ -68,6 +77,7 @@ class Tokenizer:
         else:
             raise ConfigError(f"{folder} has no tokenizer: expected tokenizer.json, or vocab.json and merges.txt "
                               "(copy them from the Hugging Face repo of the model)")
+        _set_qwen2_pipeline(backend)
         # Declared added tokens, in id order so that each new one lands on the next free id, as declared.
         declared = sorted(config.get("added_tokens_decoder", {}).items(), key=lambda kv: int(kv[0]))
         for token_id, spec in declared:

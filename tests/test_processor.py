@@ -122,3 +122,12 @@ def test_wrong_sampling_rate_and_shapes(ours):
         ours(chat("?"), audio=[signal(1.0)[None].repeat(2, 0)])
     with pytest.raises(InputError, match="load_audio"):
         ours(chat("?"), audio=["clip.wav"])
+
+
+def test_apply_chat_template_tokenize(ours, hf):
+    """tokenize=True runs the processor on the conversation's own clips (waveforms), like transformers' return_dict."""
+    conversation = [{"role": "user", "content": [{"type": "audio", "audio": signal(2.0, 11)},
+                                                 {"type": "text", "text": "What is it?"}]}]
+    expected = hf.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                      return_tensors="pt")
+    assert_same(ours.apply_chat_template(conversation, tokenize=True), expected)

@@ -8,18 +8,20 @@ from qwen2audio.errors import InputError
 from qwen2audio.prompt import BASE_CAPTION_PROMPT, Processor, apply_chat_template, base_prompt, conversation_audios
 
 GLASS, COUGH = "glass-breaking.mp3", "throat_clearing.wav"
+QUESTION = {"type": "text", "text": "What's that sound?"}
 
 CONVERSATIONS = {
     "voice_chat": [
         {"role": "user", "content": [{"type": "audio", "audio_url": GLASS}]},
     ],
     "audio_analysis": [
-        {"role": "user", "content": [{"type": "audio", "audio_url": GLASS}, {"type": "text", "text": "What's that sound?"}]},
+        {"role": "user", "content": [{"type": "audio", "audio_url": GLASS}, QUESTION]},
     ],
     "multi_turn_two_audios": [
-        {"role": "user", "content": [{"type": "audio", "audio_url": GLASS}, {"type": "text", "text": "What's that sound?"}]},
+        {"role": "user", "content": [{"type": "audio", "audio_url": GLASS}, QUESTION]},
         {"role": "assistant", "content": "It is the sound of glass shattering."},
-        {"role": "user", "content": [{"type": "audio", "audio_url": COUGH}, {"type": "text", "text": "How about this one?"}]},
+        {"role": "user", "content": [{"type": "audio", "audio_url": COUGH},
+                                     {"type": "text", "text": "How about this one?"}]},
     ],
     "system_prompt": [
         {"role": "system", "content": "You are a sound expert. Answer in one word."},

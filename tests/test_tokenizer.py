@@ -1,9 +1,11 @@
 """Tokenizer: encode/decode equal to transformers' Qwen2Tokenizer on the real Qwen vocabulary; streaming decode."""
 
+import json
 import random
 from pathlib import Path
 
 import pytest
+from tokenizers import Tokenizer as BackendTokenizer
 from tokenizer_fixture import hf_tokenizer, shared_tokenizer_folder, write_tokenizer_files
 
 from qwen2audio.tokenizer import REPLACEMENT_CHAR, Tokenizer
@@ -40,6 +42,29 @@ def tok() -> Tokenizer:
 
 def test_fallback_folder_has_no_tokenizer_json():
     assert not (shared_tokenizer_folder(fast=False) / "tokenizer.json").exists()
+
+
+def test_fallback_pipeline_equals_transformers():
+    """The pipeline rebuilt from vocab.json + merges.txt splits text as transformers' does (digit by digit, ...);
+    the vocabulary alone could hide a wrong split, since it has no merges across the boundaries."""
+    ours = Tokenizer.from_folder(shared_tokenizer_folder(fast=False)).backend
+    theirs = hf_tokenizer(shared_tokenizer_folder(fast=False)).backend_tokenizer
+    for text in [*TEXTS.values(), "2024 x2y 3.5e10"]:
+        assert ours.normalizer.normalize_str(text) == theirs.normalizer.normalize_str(text)
+        assert ours.pre_tokenizer.pre_tokenize_str(text) == theirs.pre_tokenizer.pre_tokenize_str(text)
+
+
+def test_tokenizer_json_pipeline_is_replaced_like_transformers(tmp_path: Path):
+    """transformers 5.24 keeps only the model and added tokens of tokenizer.json and builds Qwen2's normaliser and
+    pre-tokenizer in code; a file without the NFC normaliser must therefore still encode "e + combining acute" as é."""
+    folder = write_tokenizer_files(tmp_path)
+    spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["normalizer"] = None
+    (folder / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    text = "caf" + "e\u0301"
+    expected = hf_tokenizer(folder)(text)["input_ids"]
+    assert BackendTokenizer.from_file(str(folder / "tokenizer.json")).encode(text).ids != expected  # file as is
+    assert Tokenizer.from_folder(folder).encode(text) == expected
 
 
 @pytest.mark.parametrize("name", TEXTS)
