@@ -25,7 +25,7 @@ def seen_token_mask(input_ids: Tensor, attention_mask: Tensor, vocab_size: int) 
 
 
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
-    """RepetitionPenaltyLogitsProcessor: seen tokens' logits shrink towards less likely (x penalty if < 0, else / it)."""
+    """RepetitionPenaltyLogitsProcessor: each seen token becomes less likely (x penalty if its logit < 0, else / it)."""
     penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
     return torch.where(seen, penalized, logits)
 
@@ -133,18 +133,23 @@ def generate(model: Qwen2AudioForConditionalGeneration, input_ids: Tensor, atten
              max_new_tokens: int, min_new_tokens: int = 0, do_sample: bool = False, temperature: float = 1.0,
              top_k: int | None = None, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
              eos_token_ids: int | Sequence[int] = (), pad_token_id: int, ignore_eos: bool = False,
-             on_token: Callable[[int, Tensor], None] | None = None) -> Tensor:
+             on_token: Callable[[int, Tensor], None] | None = None,
+             decode_fn: Callable[..., Tensor] | None = None) -> Tensor:
     """Generate up to max_new_tokens for a left-padded batch; returns only the new ids (B, n), n = longest row.
 
     A row stops after its first eos (unless ignore_eos) and is filled with pad_token_id from then on; the loop ends
     when every row has stopped. on_token(step, tokens (B,)) sees each step's tokens (pad for stopped rows) as they
     come. seed makes sampling repeatable (a private torch.Generator); seed=None draws from torch's global RNG.
+    decode_fn replaces decode_step, e.g. with torch.compile(decode_step, fullgraph=True) (a cache of unchanged
+    size, reused across calls, then needs no recompilation).
     """
     _check_options(max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty)
     device = model.language_model.lm_head.weight.device
     if input_ids.ndim != 2:
         raise InputError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
     input_ids = input_ids.to(device)
+    if input_features is not None:
+        input_features, feature_attention_mask = input_features.to(device), feature_attention_mask.to(device)
     B, T = input_ids.shape
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
     if attention_mask.shape != input_ids.shape:
@@ -164,6 +169,8 @@ def generate(model: Qwen2AudioForConditionalGeneration, input_ids: Tensor, atten
     slot_mask = torch.cat([attention_mask.bool(), attention_mask.new_ones(B, S - T, dtype=torch.bool)], dim=1)
     eos_ids = torch.tensor([eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids),
                            dtype=torch.long, device=device)
+    # parity: transformers samples from the global RNG; on CPU a generator seeded with s draws exactly what
+    # torch.manual_seed(s) would, so seeded runs reproduce its samples.
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
     logits = prefill(model, input_ids, slot_mask, input_features, feature_attention_mask)
@@ -189,5 +196,5 @@ def generate(model: Qwen2AudioForConditionalGeneration, input_ids: Tensor, atten
             break
         input_pos = torch.tensor([T + step], device=device)
         mask = causal_padding_mask(slot_mask, input_pos, S)  # (B, 1, 1, S)
-        logits = decode_step(model, token[:, None], next_position + step, input_pos, mask)
+        logits = (decode_fn or decode_step)(model, token[:, None], next_position + step, input_pos, mask)
     return torch.stack(tokens, dim=1)
