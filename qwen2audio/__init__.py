@@ -1,10 +1,13 @@
 """qwen2audio: Qwen2-Audio in plain PyTorch, loaded straight from the Hugging Face safetensors checkpoints."""
 
+from .audio import load_audio
 from .config import AudioConfig, GenerationConfig, Qwen2AudioConfig, TextConfig
 from .errors import AudioError, ConfigError, InputError, Qwen2AudioError, WeightsError
 from .model import Qwen2AudioForConditionalGeneration
 from .pipeline import Qwen2Audio, load
+from .prompt import Processor, apply_chat_template
+from .tokenizer import Tokenizer
 
-__all__ = ["AudioConfig", "AudioError", "ConfigError", "GenerationConfig", "InputError", "Qwen2Audio",
-           "Qwen2AudioConfig", "Qwen2AudioError", "Qwen2AudioForConditionalGeneration", "TextConfig",
-           "WeightsError", "load"]
+__all__ = ["AudioConfig", "AudioError", "ConfigError", "GenerationConfig", "InputError", "Processor", "Qwen2Audio",
+           "Qwen2AudioConfig", "Qwen2AudioError", "Qwen2AudioForConditionalGeneration", "TextConfig", "Tokenizer",
+           "WeightsError", "apply_chat_template", "load", "load_audio"]

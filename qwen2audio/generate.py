@@ -5,7 +5,7 @@ processors in its order (repetition penalty, min-new-tokens, then for sampling t
 stopping on eos with finished rows padded, left-padded batches positioned by `cumsum(attention_mask) - 1`.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -128,21 +128,13 @@ def _check_options(max_new_tokens: int, min_new_tokens: int, do_sample: bool, te
 
 
 @torch.no_grad()
-def generate(model: Qwen2AudioForConditionalGeneration, input_ids: Tensor, attention_mask: Tensor | None = None,
+def generate_stream(model: Qwen2AudioForConditionalGeneration, input_ids: Tensor, attention_mask: Tensor | None = None,
              input_features: Tensor | None = None, feature_attention_mask: Tensor | None = None, *,
              max_new_tokens: int, min_new_tokens: int = 0, do_sample: bool = False, temperature: float = 1.0,
              top_k: int | None = None, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
              eos_token_ids: int | Sequence[int] = (), pad_token_id: int, ignore_eos: bool = False,
-             on_token: Callable[[int, Tensor], None] | None = None,
-             decode_fn: Callable[..., Tensor] | None = None) -> Tensor:
-    """Generate up to max_new_tokens for a left-padded batch; returns only the new ids (B, n), n = longest row.
-
-    A row stops after its first eos (unless ignore_eos) and is filled with pad_token_id from then on; the loop ends
-    when every row has stopped. on_token(step, tokens (B,)) sees each step's tokens (pad for stopped rows) as they
-    come. seed makes sampling repeatable (a private torch.Generator); seed=None draws from torch's global RNG.
-    decode_fn replaces decode_step, e.g. with torch.compile(decode_step, fullgraph=True) (a cache of unchanged
-    size, reused across calls, then needs no recompilation).
-    """
+             decode_fn: Callable[..., Tensor] | None = None) -> Iterator[Tensor]:
+    """Yield the next token of every row (B,) at each step, up to max_new_tokens; see `generate`."""
     _check_options(max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty)
     device = model.language_model.lm_head.weight.device
     if input_ids.ndim != 2:
@@ -177,17 +169,14 @@ def generate(model: Qwen2AudioForConditionalGeneration, input_ids: Tensor, atten
     seen = seen_token_mask(input_ids, attention_mask, logits.shape[-1])  # for the repetition penalty
     next_position = attention_mask.long().sum(-1, keepdim=True)  # (B, 1): real tokens so far
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    tokens = []
     for step in range(max_new_tokens):
         scores = process_logits(logits, seen, step, eos_ids, min_new_tokens=min_new_tokens, do_sample=do_sample,
                                 temperature=temperature, top_k=top_k, top_p=top_p,
                                 repetition_penalty=repetition_penalty)
         token = sample(scores, generator) if do_sample else scores.argmax(dim=-1)  # (B,)
         token = token.masked_fill(done, pad_token_id)
-        tokens.append(token)
         seen[torch.arange(B, device=device), token] = True
-        if on_token is not None:
-            on_token(step, token)
+        yield token
         if not ignore_eos and eos_ids.numel():
             done |= torch.isin(token, eos_ids)
             if bool(done.all()):
@@ -197,4 +186,25 @@ def generate(model: Qwen2AudioForConditionalGeneration, input_ids: Tensor, atten
         input_pos = torch.tensor([T + step], device=device)
         mask = causal_padding_mask(slot_mask, input_pos, S)  # (B, 1, 1, S)
         logits = (decode_fn or decode_step)(model, token[:, None], next_position + step, input_pos, mask)
+
+
+def generate(model: Qwen2AudioForConditionalGeneration, input_ids: Tensor, attention_mask: Tensor | None = None,
+             input_features: Tensor | None = None, feature_attention_mask: Tensor | None = None, *,
+             on_token: Callable[[int, Tensor], None] | None = None, **options) -> Tensor:
+    """Generate up to max_new_tokens for a left-padded batch; returns only the new ids (B, n), n = longest row.
+
+    Options (keyword only): max_new_tokens, min_new_tokens=0, do_sample=False, temperature=1.0, top_k=None,
+    top_p=1.0, repetition_penalty=1.0, seed=None, eos_token_ids=(), pad_token_id, ignore_eos=False, decode_fn=None.
+    A row stops after its first eos (unless ignore_eos) and is filled with pad_token_id from then on; the loop ends
+    when every row has stopped. on_token(step, tokens (B,)) sees each step's tokens (pad for stopped rows) as they
+    come. seed makes sampling repeatable (a private torch.Generator); seed=None draws from torch's global RNG.
+    decode_fn replaces decode_step, e.g. with torch.compile(decode_step, fullgraph=True) (a cache of unchanged
+    size, reused across calls, then needs no recompilation).
+    """
+    tokens = []
+    for step, token in enumerate(generate_stream(model, input_ids, attention_mask, input_features,
+                                                 feature_attention_mask, **options)):
+        tokens.append(token)
+        if on_token is not None:
+            on_token(step, token)
     return torch.stack(tokens, dim=1)

@@ -117,6 +117,23 @@ def expand_audio_tokens(texts: list[str], counts: list[int]) -> list[str]:
     return expanded
 
 
+def _windows(clips: list[Waveform], long_audio: str) -> tuple[list[Waveform], list[int]]:
+    """The pieces of audio the encoder sees (one per clip, or several 30 s windows per long clip in "chunk" mode),
+    and how many pieces each clip gave."""
+    from .audio import split_long_audio, truncate_long_audio
+
+    windows: list[Waveform] = []
+    counts: list[int] = []
+    for i, clip in enumerate(clips):
+        if long_audio == "chunk":
+            pieces = split_long_audio(np.asarray(clip, dtype=np.float32))
+        else:
+            pieces = [truncate_long_audio(clip, f"audio {i}")]
+        windows += pieces
+        counts.append(len(pieces))
+    return windows, counts
+
+
 class Processor:
     """Text + audio -> model inputs, equal to transformers' Qwen2AudioProcessor with left padding."""
 
@@ -152,11 +169,14 @@ class Processor:
 
     def __call__(self, text: str | list[str], audio: Sequence[Waveform] | Waveform | None = None,
                  sampling_rate: int = SAMPLE_RATE, padding: bool | str = True, return_tensors: str = "pt", *,
-                 audios: object = None) -> dict[str, Tensor]:
+                 long_audio: str = "truncate", audios: object = None) -> dict[str, Tensor]:
         """input_ids and attention_mask (B, T) int64, left-padded; with audio also input_features
-        (num_audios, 128, 3000) float32 and feature_attention_mask (num_audios, 3000) int32.
+        (num_windows, 128, 3000) float32 and feature_attention_mask (num_windows, 3000) int32.
 
         The i-th `<|AUDIO|>` in the texts (row by row, left to right) belongs to the i-th clip of `audio`.
+        Clips over 30 s: long_audio="truncate" keeps the first 30 s (the reference's behaviour) and warns;
+        long_audio="chunk" encodes consecutive 30 s windows whose audio tokens follow one another in the clip's
+        single <|audio_bos|>...<|audio_eos|> span (one feature row per window).
         """
         if audios is not None:
             raise InputError("the keyword is `audio=`, not `audios=` (the official Qwen2-Audio README's spelling, "
@@ -181,10 +201,16 @@ class Processor:
             raise InputError(f"audio must be sampled at {SAMPLE_RATE} Hz, got sampling_rate={sampling_rate}: resample "
                              "it first (qwen2audio.audio.load_audio decodes files and resamples them to 16 kHz)")
 
+        if long_audio not in ("truncate", "chunk"):
+            raise InputError(f"long_audio must be 'truncate' or 'chunk', got {long_audio!r}")
+
         out: dict[str, Tensor] = {}
         if clips:
-            features, frame_mask = extract_features(clips)  # (N, 128, 3000) float32, (N, 3000) int32
-            texts = expand_audio_tokens(texts, [audio_token_count(int(n)) for n in frame_mask.sum(-1)])
+            windows, windows_per_clip = _windows(clips, long_audio)
+            features, frame_mask = extract_features(windows)  # (N, 128, 3000) float32, (N, 3000) int32
+            window_tokens = iter(audio_token_count(int(n)) for n in frame_mask.sum(-1))
+            counts = [sum(next(window_tokens) for _ in range(n)) for n in windows_per_clip]
+            texts = expand_audio_tokens(texts, counts)
             out["input_features"], out["feature_attention_mask"] = features, frame_mask
         input_ids, attention_mask = self._pad(self.tokenizer.encode_batch(texts), padding)
         return {"input_ids": input_ids, "attention_mask": attention_mask, **out}

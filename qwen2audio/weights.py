@@ -13,9 +13,12 @@ from safetensors import safe_open
 from .config import Qwen2AudioConfig
 from .errors import WeightsError
 from .model import Qwen2AudioForConditionalGeneration
+from .quantize import Int8Linear, int8_module_names
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+# config.json `quantization_config.quant_method` of folders holding int8 decoder linears (written by convert.py).
+INT8_QUANT_METHOD = "qwen2audio_int8"
 
 # Files a model folder needs for qwen2audio (weights are found through the index or the single file).
 MODEL_FILES = ["config.json", "generation_config.json", "preprocessor_config.json", "tokenizer.json",
@@ -64,22 +67,55 @@ def checkpoint_shards(folder: Path) -> dict[Path, list[str]]:
     raise WeightsError(f"{folder} has no {SINGLE_FILE} or {INDEX_FILE}; a model folder needs its safetensors weights")
 
 
+def is_int8_checkpoint(folder: Path) -> bool:
+    """Whether config.json declares the weight-only int8 layout of convert.py (int8 `X.weight` + `X.scales`)."""
+    try:
+        quant = json.loads((folder / "config.json").read_text()).get("quantization_config")
+    except (OSError, json.JSONDecodeError):
+        return False  # Qwen2AudioConfig.from_file reports an unreadable config.json
+    if quant is not None and (not isinstance(quant, dict) or quant.get("quant_method") != INT8_QUANT_METHOD):
+        raise WeightsError(f"{folder / 'config.json'} declares quantization_config {quant}; qwen2audio reads only "
+                           f"its own int8 format ({INT8_QUANT_METHOD!r}): use the unquantized checkpoint")
+    return quant is not None
+
+
 def _describe(keys: set[str], limit: int = 8) -> str:
     keys = sorted(keys)
     more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
 
 
+def _progress_bar(total: int, folder: Path):
+    """A tqdm bar on stderr while tensors load, only when stderr is a terminal (tqdm comes with huggingface_hub)."""
+    import sys
+
+    if not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=f"Loading {folder.name}", unit="tensor", leave=False)
+
+
 def load_weights(folder: str | Path, config: Qwen2AudioConfig | None = None, dtype: str | torch.dtype | None = None,
-                 device: str | torch.device = "cpu") -> Qwen2AudioForConditionalGeneration:
+                 device: str | torch.device = "cpu", progress: bool = False) -> Qwen2AudioForConditionalGeneration:
     """Build the model on the meta device and fill it from the folder's safetensors, strictly by name."""
     folder = Path(folder)
     config = config or Qwen2AudioConfig.from_file(folder)
     dtype = parse_dtype(dtype)
     with torch.device("meta"):
         model = Qwen2AudioForConditionalGeneration(config)
+    int8 = is_int8_checkpoint(folder)
+    if int8:  # swap in Int8Linear (still on meta) so that names, shapes and assignment below see int8 + scales
+        for name in int8_module_names(model):
+            parent, _, child = name.rpartition(".")
+            linear = model.get_submodule(name)
+            setattr(model.get_submodule(parent), child, Int8Linear(
+                linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype, "meta"))
+    tied = config.text_config.tie_word_embeddings and not int8  # an int8 lm_head is stored on its own
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if config.text_config.tie_word_embeddings:
+    if tied:
         expected.pop("language_model.lm_head.weight")
 
     shards = checkpoint_shards(folder)
@@ -92,6 +128,7 @@ def load_weights(folder: str | Path, config: Qwen2AudioConfig | None = None, dty
                            "is this a Qwen2-Audio checkpoint with its own config.json?")
 
     state: dict[str, torch.Tensor] = {}
+    bar = _progress_bar(sum(len(k) for k in shards.values()), folder) if progress else None
     for path, keys in shards.items():
         try:
             with safe_open(path, framework="pt", device=str(device)) as f:
@@ -100,6 +137,8 @@ def load_weights(folder: str | Path, config: Qwen2AudioConfig | None = None, dty
                     raise WeightsError(f"{path.name} lacks {_describe(absent)}, which {INDEX_FILE} places there; "
                                        "the shard is incomplete or from another checkpoint")
                 for key in keys:
+                    if bar is not None:
+                        bar.update(1)
                     shape = tuple(f.get_slice(key).get_shape())
                     if shape != expected[key]:
                         raise WeightsError(f"{path.name}: tensor {key} has shape {shape}, config.json implies "
@@ -110,7 +149,9 @@ def load_weights(folder: str | Path, config: Qwen2AudioConfig | None = None, dty
             raise
         except Exception as e:  # safetensors raises its own types for truncated or corrupt files
             raise WeightsError(f"cannot read {path}: {e}; the file may be truncated or corrupt") from None
-    if config.text_config.tie_word_embeddings:
+    if tied:
         state["language_model.lm_head.weight"] = state["language_model.model.embed_tokens.weight"]
+    if bar is not None:
+        bar.close()
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)

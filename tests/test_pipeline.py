@@ -1,0 +1,104 @@
+"""The pipeline end to end: conversations in, text out, equal to transformers' processor + generate + decode."""
+
+import shutil
+import wave
+
+import numpy as np
+import pytest
+import torch
+from helpers import load_hf, test_signal
+from tokenizer_fixture import hf_processor, write_tokenizer_files
+
+import qwen2audio
+from qwen2audio.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def folder(tiny_checkpoint, tmp_path_factory):
+    target = tmp_path_factory.mktemp("pipe") / "model"
+    shutil.copytree(tiny_checkpoint, target)
+    return write_tokenizer_files(target)
+
+
+def write_wav(path, samples: np.ndarray) -> str:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+    return str(path)
+
+
+def reference_reply(folder, conversations, audios, **options):
+    processor, model = hf_processor(folder), load_hf(folder)
+    prompts = [processor.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
+    batch = processor(text=prompts, audio=audios, return_tensors="pt", padding=True)
+    out = model.generate(**batch, do_sample=False, eos_token_id=[151645, 151643], pad_token_id=151643, **options)
+    return processor.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_chat_batch_and_stream_equal_transformers(folder, tmp_path):
+    clips = [test_signal(s, seed=i) for i, s in enumerate([1.0, 2.5, 4.0])]
+    # What the WAV file holds, read back the way the file gives it (16-bit rounding included).
+    path = write_wav(tmp_path / "a.wav", clips[0])
+    clips[0] = qwen2audio.audio.load_audio(path)
+    conversations = [
+        [{"role": "user", "content": [{"type": "audio", "audio_url": path}, {"type": "text", "text": "What is it?"}]}],
+        [{"role": "user", "content": [{"type": "audio", "audio": clips[1]}]}],
+        [{"role": "system", "content": "Be brief."},
+         {"role": "user", "content": [{"type": "audio", "audio": clips[2]}, {"type": "text", "text": "Describe."}]},
+         {"role": "assistant", "content": "A tone."},
+         {"role": "user", "content": [{"type": "audio", "audio": clips[0]}, {"type": "text", "text": "And this?"}]}],
+    ]
+    audios = clips + [clips[0]]
+    pipe = qwen2audio.load(folder)
+    options = dict(max_new_tokens=12, repetition_penalty=1.1)
+    expected = reference_reply(folder, conversations, audios, **options)
+    greedy = dict(options, do_sample=False)
+    assert pipe.chat(conversations, **greedy) == expected
+    for conversation, text in zip(conversations, expected):  # each row alone, and streamed
+        assert pipe.chat(conversation, **greedy) == text
+        assert "".join(pipe.stream(conversation, **greedy)) == text
+    assert pipe.last_stats["new_tokens"] >= 1
+
+
+def test_generation_config_defaults_and_explicit_options_win(folder, tmp_path):
+    target = tmp_path / "m"
+    shutil.copytree(folder, target)
+    (target / "generation_config.json").write_text('{"do_sample": true, "temperature": 0.7, "top_k": 20, '
+                                                   '"top_p": 0.5, "repetition_penalty": 1.1, '
+                                                   '"eos_token_id": [151643, 151645], "pad_token_id": 151643}')
+    pipe = qwen2audio.load(target)
+    opts = pipe._options({})
+    assert (opts["do_sample"], opts["temperature"], opts["top_k"], opts["top_p"], opts["repetition_penalty"]) == (
+        True, 0.7, 20, 0.5, 1.1)
+    assert pipe._options({"top_k": 3, "do_sample": False})["top_k"] == 3
+    conversation = [{"role": "user", "content": [{"type": "audio", "audio": test_signal(1.0)}]}]
+    assert pipe.chat(conversation, seed=7, max_new_tokens=6) == pipe.chat(conversation, seed=7, max_new_tokens=6)
+    with pytest.raises(InputError, match="unknown generation option"):
+        pipe.chat(conversation, temprature=0.5)
+
+
+def test_long_audio_chunk_runs_end_to_end(folder):
+    pipe = qwen2audio.load(folder)
+    long_clip = test_signal(75.0)
+    conversation = [{"role": "user", "content": [{"type": "audio", "audio": long_clip},
+                                                  {"type": "text", "text": "Summarise."}]}]
+    prompt = pipe.processor.apply_chat_template(conversation)
+    batch = pipe.processor(prompt, audio=[long_clip], long_audio="chunk")
+    assert batch["input_features"].shape[0] == 3  # 30 s + 30 s + 15 s
+    assert int((batch["input_ids"] == 151646).sum()) == 750 + 750 + 375
+    with pytest.warns(UserWarning, match="first 30 s"):
+        short = pipe.processor(prompt, audio=[long_clip])
+    assert int((short["input_ids"] == 151646).sum()) == 750
+    reply = pipe.chat(conversation, long_audio="chunk", max_new_tokens=4, do_sample=False)
+    assert isinstance(reply, str) and pipe.last_stats["new_tokens"] >= 1
+
+
+def test_prompt_too_long_is_a_clear_error(folder):
+    pipe = qwen2audio.load(folder)
+    conversation = [{"role": "user", "content": "hi"}]
+    with pytest.raises(InputError, match="max_position_embeddings"):
+        pipe.chat(conversation, max_new_tokens=5000)
+    with pytest.raises(InputError, match="placeholder"):
+        pipe.complete("<|audio_bos|><|AUDIO|><|audio_eos|>Generate the caption in English:", audio=[])
