@@ -14,6 +14,7 @@ from torch import Tensor
 from .config import GenerationConfig, Qwen2AudioConfig
 from .errors import InputError, WeightsError
 from .generate import decode_step, generate_stream
+from .kernels.cpu import use_cpu_gemv
 from .model import Qwen2AudioForConditionalGeneration
 from .prompt import Message, Processor, apply_chat_template, conversation_audios
 from .quantize import quantize_int8
@@ -184,11 +185,13 @@ class Qwen2Audio:
 
 
 def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-         quantize: str | None = None, compile: bool = False, quiet: bool = False) -> Qwen2Audio:
+         quantize: str | None = None, compile: bool = False, cpu_gemv: bool | None = None,
+         quiet: bool = False) -> Qwen2Audio:
     """Load a Qwen2-Audio checkpoint folder (or Hub repo id). dtype=None keeps the checkpoint's dtype.
 
     quantize="int8" swaps the decoder's linear layers for weight-only int8 after loading; compile=True compiles
-    the single-token decode step with torch.compile (CUDA graphs on CUDA).
+    the single-token decode step with torch.compile (CUDA graphs on CUDA). cpu_gemv (default: on for CPU) runs
+    one-row decoder products as matrix-vector products (kernels/cpu.py).
     """
     if quantize not in (None, "int8"):
         raise WeightsError(f"quantize must be None or 'int8', got {quantize!r}")
@@ -197,6 +200,8 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
     model = load_weights(folder, config, dtype=dtype, device=device, progress=not quiet)
     if quantize == "int8":
         quantize_int8(model)
+    if cpu_gemv if cpu_gemv is not None else torch.device(device).type == "cpu":
+        use_cpu_gemv(model)
     has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()
     processor = Processor.from_folder(folder) if has_tokenizer else None
     pipe = Qwen2Audio(model, config, folder, GenerationConfig.from_file(folder), processor)
