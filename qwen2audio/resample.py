@@ -10,9 +10,11 @@ sits a little below the lower of the two Nyquist frequencies so that nothing abo
 
 Polyphase: with g = gcd(orig, new), `up = new // g` output samples are made for every `down = orig // g` input
 samples, and output n = k * up + i ("phase" i) always sits at the same fraction past an input sample. So each
-phase needs one fixed set of filter taps, and applying it to every k is a strided convolution.
+phase needs one fixed set of filter taps, and applying it to every k is a strided convolution (written here as a
+strided view of the input times a matrix of taps, in blocks, so memory stays bounded for long files).
 """
 
+import functools
 import math
 
 import torch
@@ -26,20 +28,38 @@ ATTENUATION_DB = 80.0  # ripple in the passband and leakage in the stopband, bot
 # rate) that reaches it across a transition band of width (STOPBAND_EDGE - PASSBAND_EDGE) * pi rad/sample.
 KAISER_BETA = 0.1102 * (ATTENUATION_DB - 8.7)
 HALF_WIDTH = math.ceil((ATTENUATION_DB - 7.95) / (2.285 * (STOPBAND_EDGE - PASSBAND_EDGE) * math.pi) / 2)  # 51
-BLOCK_ELEMENTS = 1 << 23  # (taps x outputs) per convolution call: bounds the working memory to ~32 MB
+BLOCK_ELEMENTS = 1 << 22  # (frames x taps) per matrix product: bounds the working memory to ~16 MB
 
 
-def _phase_taps(phases: Tensor, up: int, down: int, reach: float, first_tap: int, n_taps: int, scale: float) -> Tensor:
-    """Filter taps (len(phases), n_taps) float64; tap m of phase i weighs input sample k * down + i * down // up + m."""
+@functools.lru_cache(maxsize=8)  # the taps depend only on the rates: reuse them for the next file
+def _phase_taps(first: int, last: int, up: int, down: int, reach: float, half: int, scale: float) -> Tensor:
+    """Filter taps (last - first, 2 * half + 2) float32 for phases first..last-1; tap j of phase i weighs input
+    sample k * down + i * down // up + j - half."""
+    phases = torch.arange(first, last)
     frac = ((phases * down) % up).double() / up  # (G,) how far past its input sample each phase's output falls
-    m = torch.arange(first_tap, first_tap + n_taps, dtype=torch.float64)  # (n_taps,)
+    m = torch.arange(-half, half + 2, dtype=torch.float64)  # (2 * half + 2,)
     offset = frac[:, None] - m[None, :]  # (G, n_taps) distance to each input sample, in input samples
     sinc = torch.special.sinc(offset * scale)  # the ideal low-pass, cut-off `scale` x the input Nyquist
     inside = (offset / reach).clamp(-1.0, 1.0)
     window = torch.special.i0(KAISER_BETA * torch.sqrt(1.0 - inside**2)) / torch.special.i0(
         torch.tensor(KAISER_BETA, dtype=torch.float64))
     window = torch.where(offset.abs() < reach, window, torch.zeros_like(window))
-    return scale * sinc * window  # times `scale` so the taps sum to 1 (unit gain at DC)
+    return (scale * sinc * window).float()  # times `scale` so the taps sum to 1 (unit gain at DC)
+
+
+def _apply_group(x: Tensor, out: Tensor, phases: Tensor, own: Tensor, up: int, down: int) -> None:
+    """Fill out[:, :, phases] (out is (rows, n_k, up)) from the padded input x (rows, n) and each phase's taps."""
+    offsets = phases * down // up  # (G,) the input sample each phase starts from
+    base = int(offsets[0])
+    shifts = offsets - base  # the group shares one kernel; each phase's taps sit `shift` samples in
+    n_taps = int(shifts[-1]) + own.shape[1]
+    columns = shifts[:, None] + torch.arange(own.shape[1])  # (G, width)
+    kernel = torch.zeros(len(phases), n_taps).scatter_(1, columns, own).T  # (n_taps, G)
+    frames = x[:, base:].unfold(-1, n_taps, down)  # (rows, n_k, n_taps), a view: frame k starts at k * down
+    block = max(1, BLOCK_ELEMENTS // n_taps)  # frames per matrix product, to bound the copy it makes
+    first, last = int(phases[0]), int(phases[-1]) + 1
+    for k0 in range(0, out.shape[1], block):
+        out[:, k0:k0 + block, first:last] = frames[:, k0:k0 + block] @ kernel  # (rows, block, G)
 
 
 def resample(waveform: Tensor, orig_sr: int, new_sr: int) -> Tensor:
@@ -58,34 +78,30 @@ def resample(waveform: Tensor, orig_sr: int, new_sr: int) -> Tensor:
     reach = HALF_WIDTH * orig_sr / min(orig_sr, new_sr)  # half the filter length, in input samples
     half = math.ceil(reach)
 
+    # Few phases (e.g. 48 kHz -> 16 kHz has up = 1) make thin matrix products; treating `spread` consecutive
+    # blocks as one bigger block (same ratio, more phases) gives the matrix product more columns to work on.
+    spread = max(1, half // down)
+    up, down = up * spread, down * spread
+
     lead = waveform.shape[:-1]
-    x = waveform.reshape(-1, waveform.shape[-1]).float()  # (rows, n)
+    x = waveform.reshape(math.prod(lead), waveform.shape[-1]).float()  # (rows, n)
     n_in = x.shape[-1]
-    n_out = -(-n_in * up // down)  # ceil
+    n_out = -(-n_in * new_sr // orig_sr)  # ceil
     n_k = -(-n_out // up)  # output blocks of `up` samples, one per `down` input samples
     last_offset = (up - 1) * down // up
     need = (n_k - 1) * down + last_offset + 2 * half + 2  # input samples the last output block reads (with padding)
-    x = torch.nn.functional.pad(x, (half, max(0, need - half - n_in)))[:, None, :]  # (rows, 1, padded)
+    x = torch.nn.functional.pad(x, (half, max(0, need - half - n_in)))  # (rows, padded)
 
     out = torch.empty(x.shape[0], n_k, up)  # (rows, n_k, up): row-major order is output order
     # Phases are done in groups whose input offsets differ by at most `half`, so one kernel covers the group with
-    # little wasted (zero) taps, and the kernel stays small even when `up` is in the thousands.
+    # few wasted (zero) taps, and the kernel stays small even when `up` is in the thousands.
     group = max(1, min(up, half * up // down))
-    for a in range(0, up, group):
-        phases = torch.arange(a, min(a + group, up))
-        offsets = phases * down // up  # (G,) input sample each phase starts from
-        base = int(offsets[0])
-        n_taps = int(offsets[-1]) - base + 2 * half + 2
-        taps = torch.zeros(len(phases), n_taps, dtype=torch.float64)
-        own = _phase_taps(phases, up, down, reach, -half, 2 * half + 2, scale)  # (G, 2 * half + 2)
-        for row, shift in enumerate((offsets - base).tolist()):
-            taps[row, shift:shift + own.shape[1]] = own[row]
-        kernel = taps.float()[:, None, :]  # (G, 1, n_taps)
-        block = max(1, BLOCK_ELEMENTS // n_taps)  # output blocks per convolution call
-        for k0 in range(0, n_k, block):
-            k1 = min(n_k, k0 + block)
-            start = base + k0 * down
-            segment = x[:, :, start:start + (k1 - k0 - 1) * down + n_taps]
-            y = torch.nn.functional.conv1d(segment, kernel, stride=down)  # (rows, G, k1 - k0)
-            out[:, k0:k1, a:a + len(phases)] = y.transpose(1, 2)
+    width = 2 * half + 2  # taps of one phase
+    chunk = group * max(1, BLOCK_ELEMENTS // (group * width))  # phases whose taps are computed in one go
+    used = min(up, n_out)  # a clip shorter than one block never reaches the later phases
+    for c in range(0, used, chunk):
+        phases = torch.arange(c, min(c + chunk, used))
+        own = _phase_taps(c, c + len(phases), up, down, reach, half, scale)  # (chunk, width)
+        for a in range(0, len(phases), group):
+            _apply_group(x, out, phases[a:a + group], own[a:a + group], up, down)
     return out.reshape(*lead, n_k * up)[..., :n_out]
