@@ -5,10 +5,12 @@ to the target device and assigned in place of the meta parameter: the weights ar
 """
 
 import json
+import math
+import struct
 from pathlib import Path
+from typing import BinaryIO, NamedTuple
 
 import torch
-from safetensors import safe_open
 
 from .config import Qwen2AudioConfig
 from .errors import WeightsError
@@ -56,11 +58,7 @@ def checkpoint_shards(folder: Path) -> dict[Path, list[str]]:
         return shards
     single = folder / SINGLE_FILE
     if single.is_file():
-        try:
-            with safe_open(single, framework="pt") as f:
-                return {single: list(f.keys())}
-        except Exception as e:  # safetensors raises its own types for truncated or corrupt files
-            raise WeightsError(f"cannot read {single}: {e}; the file may be truncated or corrupt") from None
+        return {single: list(read_header(single))}
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
         raise WeightsError(f"{folder} holds only pickle checkpoints (.bin/.pt), which qwen2audio never loads; "
                            "use the safetensors files of the Hub repo")
@@ -77,6 +75,56 @@ def is_int8_checkpoint(folder: Path) -> bool:
         raise WeightsError(f"{folder / 'config.json'} declares quantization_config {quant}; qwen2audio reads only "
                            f"its own int8 format ({INT8_QUANT_METHOD!r}): use the unquantized checkpoint")
     return quant is not None
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+LM_HEAD = "language_model.lm_head.weight"
+
+
+class TensorEntry(NamedTuple):
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offsets in the file
+    end: int
+
+
+def read_header(path: Path) -> dict[str, TensorEntry]:
+    """The tensor table of a .safetensors file: an 8-byte little-endian header length, then a JSON header.
+
+    Offsets are checked against the file size here, so a truncated or corrupt file is an error before any read.
+    """
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if not 2 <= length <= size - 8:
+                raise ValueError(f"header length {length} does not fit a file of {size} bytes")
+            raw = json.loads(f.read(length))
+        table = {}
+        for key, info in raw.items():
+            if key == "__metadata__":
+                continue
+            start, end = (8 + length + int(o) for o in info["data_offsets"])
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            if not 8 + length <= start <= end <= size or end - start != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"tensor {key} lies outside the file or has the wrong byte size")
+            table[key] = TensorEntry(dtype, shape, start, end)
+        return table
+    except (OSError, struct.error, ValueError, KeyError, TypeError) as e:
+        raise WeightsError(f"cannot read {path}: {e}; the file may be truncated or corrupt") from None
+
+
+def read_tensor(f: BinaryIO, entry: TensorEntry, path: Path) -> torch.Tensor:
+    """Read one tensor with plain file reads straight into its own memory (no mmap, so nothing stays mapped)."""
+    tensor = torch.empty(entry.shape, dtype=entry.dtype)
+    buffer = tensor.view(-1).view(torch.uint8).numpy() if tensor.numel() else None
+    f.seek(entry.start)
+    if buffer is not None and f.readinto(memoryview(buffer)) != entry.end - entry.start:
+        raise WeightsError(f"cannot read {path}: the file ended inside a tensor; it may be truncated")
+    return tensor
 
 
 def _describe(keys: set[str], limit: int = 8) -> str:
@@ -113,14 +161,13 @@ def load_weights(folder: str | Path, config: Qwen2AudioConfig | None = None, dty
             linear = model.get_submodule(name)
             setattr(model.get_submodule(parent), child, Int8Linear(
                 linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype, "meta"))
-    tied = config.text_config.tie_word_embeddings and not int8  # an int8 lm_head is stored on its own
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if tied:
-        expected.pop("language_model.lm_head.weight")
 
     shards = checkpoint_shards(folder)
     found = {k for keys in shards.values() for k in keys}
-    missing, unexpected = set(expected) - found, found - set(expected)
+    # A tied lm_head may be left out of the file (transformers writes it anyway; an int8 lm_head is always stored).
+    tied = config.text_config.tie_word_embeddings and LM_HEAD not in found and not int8
+    missing, unexpected = set(expected) - found - ({LM_HEAD} if tied else set()), found - set(expected)
     if missing or unexpected:
         parts = [f"missing keys: {_describe(missing)}" if missing else "",
                  f"unexpected keys: {_describe(unexpected)}" if unexpected else ""]
@@ -128,29 +175,27 @@ def load_weights(folder: str | Path, config: Qwen2AudioConfig | None = None, dty
                            "is this a Qwen2-Audio checkpoint with its own config.json?")
 
     state: dict[str, torch.Tensor] = {}
-    bar = _progress_bar(sum(len(k) for k in shards.values()), folder) if progress else None
+    bar = _progress_bar(len(found), folder) if progress else None
     for path, keys in shards.items():
-        try:
-            with safe_open(path, framework="pt", device=str(device)) as f:
-                absent = set(keys) - set(f.keys())
-                if absent:
-                    raise WeightsError(f"{path.name} lacks {_describe(absent)}, which {INDEX_FILE} places there; "
-                                       "the shard is incomplete or from another checkpoint")
-                for key in keys:
-                    if bar is not None:
-                        bar.update(1)
-                    shape = tuple(f.get_slice(key).get_shape())
-                    if shape != expected[key]:
-                        raise WeightsError(f"{path.name}: tensor {key} has shape {shape}, config.json implies "
-                                           f"{expected[key]}")
-                    tensor = f.get_tensor(key)
-                    state[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
-        except WeightsError:
-            raise
-        except Exception as e:  # safetensors raises its own types for truncated or corrupt files
-            raise WeightsError(f"cannot read {path}: {e}; the file may be truncated or corrupt") from None
+        header = read_header(path)
+        absent = set(keys) - set(header)
+        if absent:
+            raise WeightsError(f"{path.name} lacks {_describe(absent)}, which {INDEX_FILE} places there; "
+                               "the shard is incomplete or from another checkpoint")
+        with open(path, "rb") as f:
+            for key in keys:
+                entry = header[key]
+                if entry.shape != expected[key]:
+                    raise WeightsError(f"{path.name}: tensor {key} has shape {entry.shape}, config.json implies "
+                                       f"{expected[key]}")
+                tensor = read_tensor(f, entry, path)
+                if dtype is not None and tensor.is_floating_point():
+                    tensor = tensor.to(dtype)  # the source-dtype copy is freed right away: one tensor at a time
+                state[key] = tensor.to(device)
+                if bar is not None:
+                    bar.update(1)
     if tied:
-        state["language_model.lm_head.weight"] = state["language_model.model.embed_tokens.weight"]
+        state[LM_HEAD] = state["language_model.model.embed_tokens.weight"]
     if bar is not None:
         bar.close()
     model.load_state_dict(state, strict=True, assign=True)
