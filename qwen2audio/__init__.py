@@ -3,6 +3,7 @@
 from .audio import load_audio
 from .config import AudioConfig, GenerationConfig, Qwen2AudioConfig, TextConfig
 from .errors import AudioError, ConfigError, InputError, Qwen2AudioError, WeightsError
+from .convert import convert, save
 from .model import Qwen2AudioForConditionalGeneration
 from .pipeline import Qwen2Audio, load
 from .prompt import Processor, apply_chat_template
@@ -10,4 +11,4 @@ from .tokenizer import Tokenizer
 
 __all__ = ["AudioConfig", "AudioError", "ConfigError", "GenerationConfig", "InputError", "Processor", "Qwen2Audio",
            "Qwen2AudioConfig", "Qwen2AudioError", "Qwen2AudioForConditionalGeneration", "TextConfig", "Tokenizer",
-           "WeightsError", "apply_chat_template", "load", "load_audio"]
+           "WeightsError", "apply_chat_template", "convert", "load", "load_audio", "save"]

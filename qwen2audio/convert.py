@@ -25,7 +25,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -33,7 +32,8 @@ from .config import Qwen2AudioConfig
 from .errors import WeightsError
 from .model import Qwen2AudioForConditionalGeneration
 from .quantize import Int8Linear, int8_module_names, quantize_weight
-from .weights import INDEX_FILE, INT8_QUANT_METHOD, SINGLE_FILE, checkpoint_shards, parse_dtype
+from .weights import (INDEX_FILE, INT8_QUANT_METHOD, SINGLE_FILE, TensorEntry, checkpoint_shards, parse_dtype,
+                      read_header, read_tensor)
 
 INT8_CONFIG = {"quant_method": INT8_QUANT_METHOD, "bits": 8, "group": "per_output_channel",
                "modules": "decoder_linear"}
@@ -145,13 +145,9 @@ def fresh_folder(dst: Path, force: bool) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def read_tensor(path: Path, key: str) -> Tensor:
-    try:
-        # Opened per tensor: safe_open maps the whole file, and every page read stays resident while it is open.
-        with safe_open(path, framework="pt") as f:
-            return f.get_tensor(key)
-    except Exception as e:  # safetensors raises its own types for truncated or corrupt files
-        raise WeightsError(f"cannot read {key} from {path}: {e}; the file may be truncated or corrupt") from None
+def read_source_tensor(path: Path, entry: TensorEntry) -> Tensor:
+    with open(path, "rb") as f:  # plain reads: nothing of the source stays resident once the tensor is written
+        return read_tensor(f, entry, path)
 
 
 def copy_side_files(src: Path, dst: Path) -> None:
@@ -173,6 +169,7 @@ def convert(src: str | Path, dst: str | Path, dtype: str | torch.dtype | None = 
     if src.resolve() != dst.resolve() and src.resolve().is_relative_to(dst.resolve()):
         raise WeightsError(f"{dst} contains the source {src}; write the converted model elsewhere")
     shards = checkpoint_shards(src)
+    headers = {path: read_header(path) for path in shards}
     config = Qwen2AudioConfig.from_file(src)
     raw = json.loads((src / "config.json").read_text())
 
@@ -190,7 +187,9 @@ def convert(src: str | Path, dst: str | Path, dtype: str | torch.dtype | None = 
 
     def tensors() -> Iterator[tuple[str, Tensor]]:
         for key, path, source_key in jobs:
-            tensor = read_tensor(path, source_key)
+            if source_key not in headers[path]:
+                raise WeightsError(f"{path.name} lacks {source_key}, which {INDEX_FILE} places there")
+            tensor = read_source_tensor(path, headers[path][source_key])
             if target is not None and tensor.is_floating_point():
                 tensor = tensor.to(target)
             if key in int8_keys and tensor.is_floating_point():  # an int8 source stays as it is
