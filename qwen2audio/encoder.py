@@ -101,5 +101,6 @@ def encoder_window(mel_frames: Tensor, cfg: AudioConfig, full: bool) -> tuple[in
     """
     if full:
         return cfg.n_frames, cfg.max_source_positions
+    # parity: the reference always encodes all 3000 frames; the valid tokens are the same either way (tested).
     longest = int(encoder_lengths(mel_frames)[0].max())  # conv positions of the longest clip
     return min(cfg.n_frames, 2 * longest + 1), longest

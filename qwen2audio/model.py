@@ -26,7 +26,7 @@ def causal_padding_mask(attention_mask: Tensor, query_slots: Tensor, n_keys: int
     n = min(n_keys, attention_mask.shape[1])
     valid[:, :n] = attention_mask[:, :n].bool()
     mask = (keys[None, :] <= query_slots[:, None])[None] & valid[:, None, :]  # (B, T, n_keys)
-    mask |= (keys[None, :] == query_slots[:, None])[None]
+    mask |= (keys[None, :] == query_slots[:, None])[None]  # parity: pad rows differ from the reference's (unused)
     return mask[:, None]
 
 

@@ -51,6 +51,19 @@ def resolve_model_path(path_or_repo_id: str | Path, quiet: bool = False) -> Path
             enable_progress_bars()
 
 
+def check_device(device: str | torch.device) -> None:
+    """A device that this torch build and machine cannot use is a clear error before 16 GB of weights are read."""
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+    if not available.get(kind, True):
+        raise InputError(f"device {device!r} is not available on this machine (this torch is {torch.__version__}); "
+                         "use device='cpu' or install a torch build for that device")
+
+
 class Qwen2Audio:
     """A loaded model with everything needed to talk to it."""
 
@@ -195,6 +208,7 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
     """
     if quantize not in (None, "int8"):
         raise WeightsError(f"quantize must be None or 'int8', got {quantize!r}")
+    check_device(device)
     folder = resolve_model_path(path, quiet=quiet)
     config = Qwen2AudioConfig.from_file(folder)
     model = load_weights(folder, config, dtype=dtype, device=device, progress=not quiet)

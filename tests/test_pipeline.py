@@ -102,3 +102,11 @@ def test_prompt_too_long_is_a_clear_error(folder):
         pipe.chat(conversation, max_new_tokens=5000)
     with pytest.raises(InputError, match="placeholder"):
         pipe.complete("<|audio_bos|><|AUDIO|><|audio_eos|>Generate the caption in English:", audio=[])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_unavailable_device_is_a_clear_error(folder):
+    with pytest.raises(InputError, match="'cuda' is not available"):
+        qwen2audio.load(folder, device="cuda")
+    with pytest.raises(InputError, match="unknown device"):
+        qwen2audio.load(folder, device="tpu9")
