@@ -32,8 +32,13 @@ def build_checkpoint(folder: Path, text_layers: int, audio_layers: int, dtype: t
     config = Qwen2AudioConfig(audio_config=dict(REAL_AUDIO, encoder_layers=audio_layers), text_config=text,
                               audio_token_index=151646)
     torch.manual_seed(0)
-    with torch.device("cpu"):
-        model = Qwen2AudioForConditionalGeneration(config).to(dtype)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in the target dtype: an fp32 copy of the 7B's widths would double the RAM
+    try:
+        with torch.device("cpu"):
+            model = Qwen2AudioForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
     model.save_pretrained(folder, max_shard_size="2GB")
     marker.write_text(json.dumps(spec))
     return folder
@@ -69,11 +74,109 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
-def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+def print_table(title: str, header: list[str], rows: list[list[str]], markdown: bool = False) -> None:
+    """A pipe table (valid Markdown either way); markdown=True prints the title in bold, ready to paste."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    print(f"\n{title}\n")
+    print(f"\n**{title}**\n" if markdown else f"\n{title}\n")
     print(line(header))
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows:
         print(line(r))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation inputs and timing, shared by bench_generate.py and run.py.
+
+AUDIO_TOKEN, AUDIO_BOS, AUDIO_EOS, PAD_ID = 151646, 151647, 151648, 151643
+# "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nAudio 1: " and, after the audio,
+# "What's that sound?<|im_end|>\n<|im_start|>assistant\n", as Qwen2 token ids (any ids would do on random weights).
+PROMPT_PREFIX = [151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198, 151644, 872, 198, 14755, 220, 16,
+                 25, 220]
+PROMPT_SUFFIX = [198, 3838, 594, 429, 5112, 30, 151645, 198, 151644, 77091, 198]
+BATCH_SECONDS = (2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0)  # the batch-8 prompts: one clip each, all lengths differ
+
+
+def audio_prompts(seconds: list[float] | tuple[float, ...]) -> dict[str, torch.Tensor]:
+    """One prompt per clip length, built without a processor: text, <|audio_bos|> N x <|AUDIO|> <|audio_eos|>, text;
+    left-padded. Returns input_ids, attention_mask, input_features, feature_attention_mask."""
+    from qwen2audio.features import audio_token_count, extract_features
+
+    features, frame_mask = extract_features([signal(s, seed=i) for i, s in enumerate(seconds)])
+    rows = [PROMPT_PREFIX + [AUDIO_BOS] + [AUDIO_TOKEN] * audio_token_count(int(f)) + [AUDIO_EOS] + PROMPT_SUFFIX
+            for f in frame_mask.sum(-1).tolist()]
+    T = max(map(len, rows))
+    return {"input_ids": torch.tensor([[PAD_ID] * (T - len(r)) + r for r in rows]),
+            "attention_mask": torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows]),
+            "input_features": features, "feature_attention_mask": frame_mask}
+
+
+def _rates(start: float, stamps: list[float], batch: int) -> dict[str, float]:
+    """Time to first token, and decode tokens/s over the steps after it (all rows counted)."""
+    ttft = stamps[0] - start
+    decode = (len(stamps) - 1) * batch / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
+    return {"ttft_s": ttft, "decode_tok_s": decode, "total_s": stamps[-1] - start}
+
+
+def ours_generate(pipe, inputs: dict[str, torch.Tensor], new_tokens: int,
+                  capture_logits: bool = False) -> tuple[dict[str, float], torch.Tensor, torch.Tensor | None]:
+    """Greedy, exactly new_tokens (eos ignored), through pipe.generate_stream; (timings, tokens (B, n), first-step
+    logits (B, V) fp32 or None)."""
+    import qwen2audio.generate as gen
+
+    captured = {}
+    original_prefill = gen.prefill
+    if capture_logits:  # keep the prefill's logits without a second prefill: wrap the module-level function
+        def prefill(*args, **kwargs):
+            captured["logits"] = original_prefill(*args, **kwargs)
+            return captured["logits"]
+        gen.prefill = prefill
+    try:
+        tokens, stamps = [], []
+        start = time.perf_counter()
+        for token in pipe.generate_stream(**inputs, max_new_tokens=new_tokens, do_sample=False,
+                                          repetition_penalty=1.0, ignore_eos=True):
+            stamps.append(time.perf_counter())
+            tokens.append(token)
+    finally:
+        gen.prefill = original_prefill
+    return _rates(start, stamps, inputs["input_ids"].shape[0]), torch.stack(tokens, 1), captured.get("logits")
+
+
+def hf_generate(hf, inputs: dict[str, torch.Tensor], new_tokens: int,
+                capture_logits: bool = False) -> tuple[dict[str, float], torch.Tensor, torch.Tensor | None]:
+    """transformers' generate, greedy, exactly new_tokens (its generation_config's eos removed, so nothing stops
+    a row and no logits processor runs), timed with a streamer: (timings, tokens (B, n), first-step logits)."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):
+        def __init__(self) -> None:
+            self.stamps: list[float] = []
+            self.prompt_seen = False
+
+        def put(self, value) -> None:
+            if self.prompt_seen:  # generate() first puts the prompt, then each step's tokens
+                self.stamps.append(time.perf_counter())
+            self.prompt_seen = True
+
+        def end(self) -> None:
+            pass
+
+    hf.generation_config.eos_token_id = None
+    clock = Clock()
+    extra = dict(return_dict_in_generate=True, output_logits=True) if capture_logits else {}
+    start = time.perf_counter()
+    out = hf.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, repetition_penalty=1.0,
+                      pad_token_id=PAD_ID, streamer=clock, **extra)
+    sequences = out.sequences if capture_logits else out
+    tokens = sequences[:, inputs["input_ids"].shape[1]:]
+    if tokens.shape[1] != new_tokens:
+        raise RuntimeError(f"transformers generated {tokens.shape[1]} tokens, expected {new_tokens}")
+    return (_rates(start, clock.stamps, inputs["input_ids"].shape[0]), tokens,
+            out.logits[0].float() if capture_logits else None)
+
+
+def leading_agreement(a: torch.Tensor, b: torch.Tensor) -> list[int]:
+    """Per row: how many leading tokens two (B, n) results share."""
+    same = (a == b).long().cumprod(dim=1)
+    return same.sum(dim=1).tolist()
