@@ -10,11 +10,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+QUANTIZE_BLOCK_ROWS = 2048  # rows converted at a time: fp32 temporaries stay small even for the lm_head
+INT8_KERNEL_MAX_ROWS = 16  # decoding; longer inputs (prefill) dequantize the weight once and run one bf16 matmul
+
+
 def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
     """(out, in) float weight -> (int8 (out, in), float32 scales (out,)), per output channel absmax."""
-    w = weight.float()
-    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for start in range(0, weight.shape[0], QUANTIZE_BLOCK_ROWS):
+        w = weight[start:start + QUANTIZE_BLOCK_ROWS].float()
+        s = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        q[start:start + QUANTIZE_BLOCK_ROWS] = torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8)
+        scales[start:start + QUANTIZE_BLOCK_ROWS] = s
     return q, scales
 
 
@@ -41,7 +49,9 @@ class Int8Linear(nn.Module):
         return module
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32, torch.float16):
+        n_rows = x.numel() // self.in_features
+        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32, torch.float16) and \
+                n_rows <= INT8_KERNEL_MAX_ROWS:
             # torch's fused CPU kernel: int8 weights are read as they are, never widened in memory.
             flat = x.reshape(-1, self.in_features)
             y = torch._weight_int8pack_mm(flat, self.weight, self.scales.to(x.dtype)).view(*x.shape[:-1], -1)

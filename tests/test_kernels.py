@@ -16,11 +16,12 @@ def test_gemv_equals_linear(dtype, bias):
     torch.manual_seed(0)
     w = torch.randn(300, 256).to(dtype)
     b = torch.randn(300).to(dtype) if bias else None
-    for shape in [(1, 1, 256), (1, 256), (256,), (3, 2, 256)]:  # one row (gemv) and several (matmul)
+    for shape in [(1, 1, 256), (1, 256), (256,), (3, 2, 256), (8, 1, 256), (40, 256)]:  # 1 row, few, many
         x = torch.randn(shape).to(dtype)
         expected, got = F.linear(x, w, b).float(), gemv_linear(x, w, b).float()
         assert got.shape == expected.shape
-        tol = 1e-5 if dtype == torch.float32 else 2e-2 * expected.abs().max().item()
+        # Only the summation order differs: a few fp32 / bf16 roundings of the largest output.
+        tol = (2e-6 if dtype == torch.float32 else 2e-2) * expected.abs().max().item()
         assert (got - expected).abs().max().item() <= tol
 
 

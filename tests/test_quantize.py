@@ -16,12 +16,25 @@ def test_int8_linear_equals_dequantized_linear():
         assert q.dtype == torch.int8 and int(q.abs().max()) == 127
         # per-channel absmax rounding: reconstruction error at most half a step of that channel
         assert ((q.float() * scales[:, None] - linear.weight.float()).abs() <= scales[:, None] / 2 + 1e-6).all()
-        x = torch.randn(3, 5, 96).to(dtype)
-        dequant = (q.float() * scales.to(dtype).float()[:, None])
-        expected = x.float() @ dequant.T + linear.bias.float()
-        got = Int8Linear.from_linear(linear)(x).float()
-        tol = 1e-4 if dtype == torch.float32 else 0.05 * expected.abs().max().item()
-        assert (got - expected).abs().max().item() < tol
+        module = Int8Linear.from_linear(linear)
+        for shape in [(1, 1, 96), (3, 5, 96), (40, 96)]:  # the int8 kernel (decoding) and the dequantized prefill
+            x = torch.randn(shape).to(dtype)
+            dequant = (q.float() * scales.to(dtype).float()[:, None])
+            expected = x.float() @ dequant.T + linear.bias.float()
+            got = module(x).float()
+            tol = 1e-4 if dtype == torch.float32 else 0.05 * expected.abs().max().item()
+            assert (got - expected).abs().max().item() < tol
+
+
+def test_blockwise_quantization_equals_whole_matrix_math(monkeypatch):
+    import qwen2audio.quantize as quantize
+
+    monkeypatch.setattr(quantize, "QUANTIZE_BLOCK_ROWS", 7)  # 40 rows: five full blocks and a partial one
+    w = torch.randn(40, 33, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    q, scales = quantize.quantize_weight(w)
+    expected_scales = w.float().abs().amax(dim=1) / 127.0
+    assert torch.equal(scales, expected_scales)
+    assert torch.equal(q, torch.round(w.float() / expected_scales[:, None]).clamp(-127, 127).to(torch.int8))
 
 
 def test_quantized_model_agrees_with_full_precision(tiny_checkpoint):

@@ -1,8 +1,8 @@
-"""CPU matrix-vector kernel for single-token decoding, chosen explicitly by `load()` on CPU.
+"""CPU kernel for decoding (a few rows times a weight matrix), chosen explicitly by `load()` on CPU.
 
-At batch 1 every decoder linear layer multiplies a weight matrix by one vector. On CPU, torch's `addmv` streams
-a bf16 weight at close to memory bandwidth, while `F.linear` with a one-row input goes through the general matrix
-path and reads the same weight up to twice as slowly (measured in benchmarks/). Same parameters, same math: the
+Decoding multiplies each decoder weight matrix by one row per sequence of the batch. On CPU, torch's `addmv`
+(one row) and `addmm` on weight @ rows.T (a few rows) stream a bf16 weight at close to memory bandwidth, while
+`F.linear` with such skinny inputs reads the same weight up to twice as slowly (measured in benchmarks/). Same parameters, same math: the
 reference path is `torch.nn.functional.linear`, and tests/test_kernels.py holds the two equal.
 """
 
@@ -11,12 +11,33 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+MAX_SKINNY_ROWS = 16  # up to this many rows (decoding a batch), the weight-streaming form below is faster
+
+
+@torch.library.custom_op("qwen2audio::skinny_linear", mutates_args=())
+def skinny_linear(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """rows (n, in) @ weight.T + bias for a few rows: one pass over the weight, as `addmv` / `addmm` on weight @ rows.T.
+
+    A custom op so that torch.compile calls it as it is instead of generating its own, slower, reduction loops.
+    """
+    if rows.shape[0] == 1:
+        out = torch.mv(weight, rows[0]) if bias is None else torch.addmv(bias, weight, rows[0])
+        return out[None]
+    out = torch.mm(weight, rows.T) if bias is None else torch.addmm(bias[:, None], weight, rows.T)  # (out, n)
+    return out.T.contiguous()
+
+
+@skinny_linear.register_fake
+def _(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return rows.new_empty(rows.shape[0], weight.shape[0])
+
+
 def gemv_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """F.linear(x, weight, bias), computed as a matrix-vector product when x holds a single row on CPU."""
-    if x.device.type != "cpu" or x.numel() != x.shape[-1] or not weight.dtype.is_floating_point:
+    """F.linear(x, weight, bias), computed by streaming the weight once when x holds a few rows on CPU."""
+    n_rows = x.numel() // x.shape[-1]
+    if x.device.type != "cpu" or n_rows > MAX_SKINNY_ROWS or n_rows == 0 or not weight.dtype.is_floating_point:
         return F.linear(x, weight, bias)
-    row = x.reshape(-1)  # (in,)
-    out = torch.mv(weight, row) if bias is None else torch.addmv(bias, weight, row)  # (out,)
+    out = skinny_linear(x.reshape(n_rows, x.shape[-1]), weight, bias)  # (n_rows, out)
     return out.view(*x.shape[:-1], -1)
 
 
