@@ -50,8 +50,9 @@ def signal(seconds: float, seed: int = 0) -> np.ndarray:
     return (0.3 * np.sin(2 * np.pi * 330 * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
 
 
-def best_time(fn: Callable[[], object], repeat: int = 3, warmup: int = 1) -> float:
-    """Median wall time of `repeat` calls after `warmup` calls, in seconds."""
+def best_time(fn: Callable[[], object], repeat: int = 3, warmup: int = 3) -> float:
+    """Median wall time of `repeat` calls after `warmup` calls, in seconds. oneDNN settles its kernels for a new
+    shape over the first calls (the first of ours at 30 s took 0.66 s, the fourth 0.37 s), hence 3 warm-up calls."""
     for _ in range(warmup):
         fn()
     times = []
