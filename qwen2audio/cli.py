@@ -129,13 +129,14 @@ def _notice(args: argparse.Namespace, text: str) -> None:
 def _device(name: str) -> str:
     import torch
 
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    from .pipeline import device_available
+
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
+        return "cuda" if device_available("cuda") else "mps" if device_available("mps") else "cpu"
+    if name == "cuda" and not device_available("cuda"):
         raise UsageError(f"--device cuda: torch {torch.__version__} sees no CUDA GPU (a CPU-only build of torch, or "
                          "no driver); use --device cpu, or install a CUDA build of torch")
-    if name == "mps" and not mps:
+    if name == "mps" and not device_available("mps"):
         raise UsageError("--device mps: Apple's Metal backend is not available here; use --device cpu")
     return name
 

@@ -51,15 +51,22 @@ def resolve_model_path(path_or_repo_id: str | Path, quiet: bool = False) -> Path
             enable_progress_bars()
 
 
+def device_available(kind: str) -> bool:
+    """Whether this torch build and machine can use a device type ('cpu', 'cuda', 'mps'; others are left to torch)."""
+    if kind == "cuda":
+        return torch.cuda.is_available()
+    if kind == "mps":
+        return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    return True
+
+
 def check_device(device: str | torch.device) -> None:
     """A device that this torch build and machine cannot use is a clear error before 16 GB of weights are read."""
     try:
         kind = torch.device(device).type
     except (RuntimeError, TypeError):
         raise InputError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
-    available = {"cpu": True, "cuda": torch.cuda.is_available(),
-                 "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
-    if not available.get(kind, True):
+    if not device_available(kind):
         raise InputError(f"device {device!r} is not available on this machine (this torch is {torch.__version__}); "
                          "use device='cpu' or install a torch build for that device")
 
