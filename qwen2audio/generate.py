@@ -32,8 +32,7 @@ def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Te
 
 def suppress_tokens(logits: Tensor, token_ids: Tensor) -> Tensor:
     """MinNewTokensLengthLogitsProcessor while too few tokens are out: the eos ids (1-D) can't be picked."""
-    banned = torch.isin(torch.arange(logits.shape[-1], device=logits.device), token_ids)
-    return logits.masked_fill(banned, -torch.inf)
+    return logits.index_fill(-1, token_ids, -torch.inf)
 
 
 def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
