@@ -44,7 +44,7 @@ def load_hf(folder: Path, dtype: torch.dtype = torch.float32):
 def test_signal(seconds: float, seed: int = 0, sr: int = 16000) -> np.ndarray:
     """A deterministic mixture of tones and noise, float32 in [-1, 1]."""
     rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * sr)) / sr
+    t = np.arange(int(round(seconds * sr))) / sr
     x = 0.3 * np.sin(2 * np.pi * (220 + 40 * seed) * t) + 0.2 * np.sin(2 * np.pi * 1870 * t) + 0.05 * rng.standard_normal(t.size)
     return x.astype(np.float32)
 

@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from tokenizer_fixture import hf_processor, shared_tokenizer_folder, signal
+from helpers import test_signal as signal
+from tokenizer_fixture import hf_processor, shared_tokenizer_folder
 
 from qwen2audio.errors import InputError
 from qwen2audio.features import audio_token_count, num_frames

@@ -14,7 +14,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
 
 # (id, content) of every added token in the written files; all are "special".
 AUDIO_ADDED_TOKENS = [
@@ -115,11 +114,3 @@ def hf_processor(folder: Path):
     processor = Qwen2AudioProcessor.from_pretrained(str(folder))
     processor.tokenizer.padding_side = "left"
     return processor
-
-
-def signal(seconds: float, seed: int = 0, sr: int = 16000) -> np.ndarray:
-    """A deterministic float32 mixture of two tones and noise, `seconds` long."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(round(seconds * sr))) / sr
-    x = 0.3 * np.sin(2 * np.pi * (220 + 40 * seed) * t) + 0.2 * np.sin(2 * np.pi * 1870 * t)
-    return (x + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
