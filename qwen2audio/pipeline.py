@@ -17,7 +17,6 @@ from .generate import decode_step, generate_stream
 from .kernels.cpu import use_cpu_gemv
 from .model import Qwen2AudioForConditionalGeneration
 from .prompt import Message, Processor, apply_chat_template, conversation_audios
-from .quantize import quantize_int8
 from .tokenizer import Tokenizer
 from .weights import MODEL_FILES, load_weights
 
@@ -209,18 +208,18 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
          quiet: bool = False) -> Qwen2Audio:
     """Load a Qwen2-Audio checkpoint folder (or Hub repo id). dtype=None keeps the checkpoint's dtype.
 
-    quantize="int8" swaps the decoder's linear layers for weight-only int8 after loading; compile=True compiles
-    the single-token decode step with torch.compile (CUDA graphs on CUDA). cpu_gemv (default: on for CPU) runs
-    one-row decoder products as matrix-vector products (kernels/cpu.py).
+    quantize="int8" loads the decoder's linear layers as weight-only int8, quantized as they are read (the
+    full-precision decoder is never in memory); compile=True compiles the single-token decode step with
+    torch.compile (CUDA graphs on CUDA). cpu_gemv (default: on for CPU) runs one-row decoder products as
+    matrix-vector products (kernels/cpu.py). On CPU, weights kept in the file's dtype are mapped from the files,
+    not copied (see weights.py).
     """
     if quantize not in (None, "int8"):
         raise WeightsError(f"quantize must be None or 'int8', got {quantize!r}")
     check_device(device)
     folder = resolve_model_path(path, quiet=quiet)
     config = Qwen2AudioConfig.from_file(folder)
-    model = load_weights(folder, config, dtype=dtype, device=device, progress=not quiet)
-    if quantize == "int8":
-        quantize_int8(model)
+    model = load_weights(folder, config, dtype=dtype, device=device, progress=not quiet, quantize=quantize)
     if cpu_gemv if cpu_gemv is not None else torch.device(device).type == "cpu":
         use_cpu_gemv(model)
     has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()

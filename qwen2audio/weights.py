@@ -1,11 +1,17 @@
 """Checkpoint loading: Hub safetensors (single file or sharded), strict names, meta-device build, no pickle.
 
-The model is built on the meta device (no memory), every tensor is read once from its shard, cast if asked, moved
-to the target device and assigned in place of the meta parameter: the weights are never held twice.
+The model is built on the meta device (no memory) and each parameter is assigned a tensor made from its shard:
+- on CPU in the file's dtype, a view of the file mapped copy-on-write (`mmap.ACCESS_COPY`): nothing is read at load
+  time, the pages come from the OS page cache when first used, and an in-place change to a weight stays private;
+- otherwise (a cast, another device, or int8 quantization while loading) plain reads, one tensor (for int8, one
+  block of rows) at a time, converted and freed before the next.
+Either way the weights are never held twice. As with transformers (which maps the files too), the files of a loaded
+model must not be overwritten in place; `convert`/`save` write a new folder and rename it, which is safe.
 """
 
 import json
 import math
+import mmap
 import struct
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -15,7 +21,7 @@ import torch
 from .config import Qwen2AudioConfig
 from .errors import WeightsError
 from .model import Qwen2AudioForConditionalGeneration
-from .quantize import Int8Linear, int8_module_names
+from .quantize import QUANTIZE_BLOCK_ROWS, Int8Linear, int8_module_names, quantize_weight
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -81,6 +87,7 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                        "U8": torch.uint8, "BOOL": torch.bool}
 LM_HEAD = "language_model.lm_head.weight"
+EMBED = "language_model.model.embed_tokens.weight"
 
 
 class TensorEntry(NamedTuple):
@@ -118,13 +125,52 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
 
 
 def read_tensor(f: BinaryIO, entry: TensorEntry, path: Path) -> torch.Tensor:
-    """Read one tensor with plain file reads straight into its own memory (no mmap, so nothing stays mapped)."""
-    tensor = torch.empty(entry.shape, dtype=entry.dtype)
-    buffer = tensor.view(-1).view(torch.uint8).numpy() if tensor.numel() else None
-    f.seek(entry.start)
-    if buffer is not None and f.readinto(memoryview(buffer)) != entry.end - entry.start:
-        raise WeightsError(f"cannot read {path}: the file ended inside a tensor; it may be truncated")
+    """Read one tensor with plain file reads straight into its own memory (nothing stays mapped)."""
+    return read_rows(f, entry, path, 0, entry.shape[0] if entry.shape else 1).view(entry.shape)
+
+
+def read_rows(f: BinaryIO, entry: TensorEntry, path: Path, start: int, stop: int) -> torch.Tensor:
+    """Rows start:stop of a tensor's first dimension, (stop - start, *rest), read from the file (a 0-d tensor is one
+    row)."""
+    row_shape = entry.shape[1:]
+    tensor = torch.empty((stop - start, *row_shape), dtype=entry.dtype)
+    if tensor.numel():
+        row_bytes = math.prod(row_shape) * entry.dtype.itemsize
+        f.seek(entry.start + start * row_bytes)
+        if f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != tensor.numel() * entry.dtype.itemsize:
+            raise WeightsError(f"cannot read {path}: the file ended inside a tensor; it may be truncated")
     return tensor
+
+
+def map_file(path: Path) -> mmap.mmap:
+    """The whole file mapped copy-on-write: reads come from the page cache, writes stay in this process."""
+    try:
+        with open(path, "rb") as f:
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"cannot map {path}: {e}") from None
+
+
+def mapped_tensor(mapping: mmap.mmap, entry: TensorEntry) -> torch.Tensor | None:
+    """A tensor over the entry's bytes in the mapping, no copy (it keeps the mapping alive); None when the data is
+    not aligned to its element size (safetensors aligns them; a hand-made file might not), or is empty."""
+    numel = math.prod(entry.shape)
+    if numel == 0 or entry.start % entry.dtype.itemsize:
+        return None
+    return torch.frombuffer(mapping, dtype=entry.dtype, count=numel, offset=entry.start).view(entry.shape)
+
+
+def quantize_rows(f: BinaryIO, entry: TensorEntry, path: Path,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight-only int8 of a (out, in) weight read from the file a block of rows at a time, each block first cast to
+    `dtype`: (int8 (out, in), float32 scales (out,)), equal to quantize_weight on the whole cast matrix (each row
+    has its own scale), so quantizing while loading gives what quantizing the loaded model gives."""
+    q = torch.empty(entry.shape, dtype=torch.int8)
+    scales = torch.empty(entry.shape[0], dtype=torch.float32)
+    for start in range(0, entry.shape[0], QUANTIZE_BLOCK_ROWS):
+        stop = min(start + QUANTIZE_BLOCK_ROWS, entry.shape[0])
+        q[start:stop], scales[start:stop] = quantize_weight(read_rows(f, entry, path, start, stop).to(dtype))
+    return q, scales
 
 
 def _describe(keys: set[str], limit: int = 8) -> str:
@@ -147,26 +193,40 @@ def _progress_bar(total: int, folder: Path):
 
 
 def load_weights(folder: str | Path, config: Qwen2AudioConfig | None = None, dtype: str | torch.dtype | None = None,
-                 device: str | torch.device = "cpu", progress: bool = False) -> Qwen2AudioForConditionalGeneration:
-    """Build the model on the meta device and fill it from the folder's safetensors, strictly by name."""
+                 device: str | torch.device = "cpu", progress: bool = False,
+                 quantize: str | None = None) -> Qwen2AudioForConditionalGeneration:
+    """Build the model on the meta device and fill it from the folder's safetensors, strictly by name.
+
+    quantize="int8" quantizes the decoder's linear weights as they are read (what `quantize.quantize_int8` does to a
+    built model, with the same values), so the full-precision decoder is never in memory.
+    """
     folder = Path(folder)
     config = config or Qwen2AudioConfig.from_file(folder)
     dtype = parse_dtype(dtype)
+    device = torch.device(device)
+    if quantize not in (None, "int8"):
+        raise WeightsError(f"quantize must be None or 'int8', got {quantize!r}")
     with torch.device("meta"):
         model = Qwen2AudioForConditionalGeneration(config)
-    int8 = is_int8_checkpoint(folder)
-    if int8:  # swap in Int8Linear (still on meta) so that names, shapes and assignment below see int8 + scales
+    int8_file = is_int8_checkpoint(folder)
+    quantize_now = quantize == "int8" and not int8_file  # an int8 folder is already quantized
+    # The keys the files must hold: plain names, or for an int8 folder each decoder linear's int8 weight + scales.
+    quantized = {f"{name}.weight" for name in int8_module_names(model)} if quantize_now else set()
+    if int8_file or quantize_now:  # swap in Int8Linear (still on meta): names, shapes and assignment see int8 + scales
+        before = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         for name in int8_module_names(model):
             parent, _, child = name.rpartition(".")
             linear = model.get_submodule(name)
             setattr(model.get_submodule(parent), child, Int8Linear(
                 linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype, "meta"))
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if quantize_now:
+        expected = before
 
     shards = checkpoint_shards(folder)
     found = {k for keys in shards.values() for k in keys}
     # A tied lm_head may be left out of the file (transformers writes it anyway; an int8 lm_head is always stored).
-    tied = config.text_config.tie_word_embeddings and LM_HEAD not in found and not int8
+    tied = config.text_config.tie_word_embeddings and LM_HEAD not in found and not int8_file
     missing, unexpected = set(expected) - found - ({LM_HEAD} if tied else set()), found - set(expected)
     if missing or unexpected:
         parts = [f"missing keys: {_describe(missing)}" if missing else "",
@@ -182,20 +242,31 @@ def load_weights(folder: str | Path, config: Qwen2AudioConfig | None = None, dty
         if absent:
             raise WeightsError(f"{path.name} lacks {_describe(absent)}, which {INDEX_FILE} places there; "
                                "the shard is incomplete or from another checkpoint")
+        mapping = None
         with open(path, "rb") as f:
             for key in keys:
                 entry = header[key]
                 if entry.shape != expected[key]:
                     raise WeightsError(f"{path.name}: tensor {key} has shape {entry.shape}, config.json implies "
                                        f"{expected[key]}")
-                tensor = read_tensor(f, entry, path)
-                if dtype is not None and tensor.is_floating_point():
-                    tensor = tensor.to(dtype)  # the source-dtype copy is freed right away: one tensor at a time
-                state[key] = tensor.to(device)
+                for name in [key, LM_HEAD] if tied and key == EMBED else [key]:
+                    if name in quantized:
+                        q, scales = quantize_rows(f, entry, path, dtype or entry.dtype)
+                        state[name] = q.to(device)
+                        state[name.removesuffix("weight") + "scales"] = scales.to(device, dtype or entry.dtype)
+                    elif tied and name == LM_HEAD:  # the tied lm_head shares the embedding
+                        state[name] = state[EMBED]
+                    else:
+                        target = dtype if dtype is not None and entry.dtype.is_floating_point else entry.dtype
+                        tensor = None
+                        if device.type == "cpu" and target == entry.dtype:
+                            mapping = map_file(path) if mapping is None else mapping
+                            tensor = mapped_tensor(mapping, entry)
+                        if tensor is None:  # a cast or another device: read, convert, free
+                            tensor = read_tensor(f, entry, path).to(device, target)
+                        state[name] = tensor
                 if bar is not None:
                     bar.update(1)
-    if tied:
-        state[LM_HEAD] = state["language_model.model.embed_tokens.weight"]
     if bar is not None:
         bar.close()
     model.load_state_dict(state, strict=True, assign=True)

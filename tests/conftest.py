@@ -19,3 +19,11 @@ def tiny_gqa_checkpoint(tmp_path_factory) -> Path:
     """Grouped-query attention, a rope_theta and rms_norm_eps unlike the 7B's, sharded into several files."""
     return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny_gqa"), seed=1, gqa=True, rope_theta=123456.0,
                                 rms_norm_eps=3e-6, max_shard_size="1MB")
+
+
+@pytest.fixture(scope="session")
+def decoder_heavy_checkpoint(tmp_path_factory) -> Path:
+    """~300 MB fp32 in 100 MB shards whose decoder layers dominate (small vocabulary, 16 wide layers)."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("heavy"), vocab_size=8192, hidden_size=512,
+                                intermediate_size=2048, num_hidden_layers=16, num_attention_heads=8,
+                                num_key_value_heads=8, bos_token_id=None, eos_token_id=None, max_shard_size="100MB")

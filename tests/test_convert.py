@@ -189,7 +189,8 @@ def test_tied_embeddings(tmp_path):
     assert tensors_on_disk(int8)["language_model.lm_head.weight"][1] == torch.int8
     a = qwen2audio.load(int8).model.state_dict()
     b = quantize_int8(qwen2audio.load(src).model).state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
+    c = qwen2audio.load(src, quantize="int8").model.state_dict()  # quantized while loading, from the embedding
+    assert a.keys() == b.keys() == c.keys() and all(torch.equal(a[k], b[k]) and torch.equal(c[k], b[k]) for k in b)
 
 
 # Peak RSS (VmHWM) minus the RSS after the imports. Not ru_maxrss: Linux carries the parent's high-water mark
@@ -206,14 +207,6 @@ MEASURE = textwrap.dedent("""
     convert(sys.argv[1], sys.argv[2], dtype=sys.argv[3], quantize=sys.argv[4] or None, max_shard_size="50MB")
     print(json.dumps(vm("VmHWM") - base))
 """)
-
-
-@pytest.fixture(scope="module")
-def decoder_heavy_checkpoint(tmp_path_factory) -> Path:
-    """~300 MB fp32 in 100 MB shards whose decoder layers dominate (small vocabulary, 16 wide layers)."""
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("heavy"), vocab_size=8192, hidden_size=512,
-                                intermediate_size=2048, num_hidden_layers=16, num_attention_heads=8,
-                                num_key_value_heads=8, bos_token_id=None, eos_token_id=None, max_shard_size="100MB")
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads peak RSS from /proc (Linux)")

@@ -1,5 +1,6 @@
 """Weight-only int8: the module swap against the dequantized math, and next-token agreement with full precision."""
 
+import pytest
 import torch
 from helpers import audio_prompt_ids, test_signal
 
@@ -54,3 +55,22 @@ def test_quantized_model_agrees_with_full_precision(tiny_checkpoint):
     agreement = (a == b).float().mean().item()
     print(f"int8 vs fp32 top-1 agreement over {ids.shape[1]} positions: {agreement:.3f}")
     assert agreement >= 0.95
+
+
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_quantizing_while_loading_equals_quantizing_the_loaded_model(tiny_gqa_checkpoint, dtype):
+    # load(quantize="int8") quantizes each weight as it is read, in blocks of rows; the result must be exactly the
+    # module swap applied to the loaded model (same int8 values, same scales, in the same dtype).
+    a = qwen2audio.load(tiny_gqa_checkpoint, dtype=dtype, quantize="int8").model.state_dict()
+    b = quantize_int8(qwen2audio.load(tiny_gqa_checkpoint, dtype=dtype).model).state_dict()
+    assert a.keys() == b.keys()
+    assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in b)
+    assert a["language_model.lm_head.weight"].dtype == torch.int8
+
+
+def test_quantize_weight_leaves_its_input_alone():
+    w = torch.randn(300, 40, generator=torch.Generator().manual_seed(2))  # fp32: .float() would be the same tensor
+    before = w.clone()
+    q, scales = quantize_weight(w)
+    assert torch.equal(w, before)
+    assert torch.equal(q, torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))

@@ -1,7 +1,12 @@
 """Loading checkpoints written by transformers: no renaming, strict names and shapes, clear errors."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,3 +92,62 @@ def test_corrupt_shard_and_missing_weights(tiny_checkpoint, tmp_path):
 def test_not_a_folder_nor_repo_id():
     with pytest.raises(WeightsError, match="neither a folder nor a Hub repo id"):
         qwen2audio.load("./no/such/folder")
+
+
+def test_mapped_weights_are_copy_on_write(tiny_checkpoint, tmp_path):
+    # Weights kept in the file's dtype on CPU are views of the mapped file: an in-place change stays in the process.
+    folder = copy_checkpoint(tiny_checkpoint, tmp_path / "ckpt")
+    before = (folder / "model.safetensors").read_bytes()
+    model = qwen2audio.load(folder).model
+    head = model.language_model.lm_head.weight
+    head.zero_()
+    model.audio_tower.conv1.weight.add_(1.0)
+    assert (folder / "model.safetensors").read_bytes() == before
+    again = qwen2audio.load(folder).model
+    on_disk = load_file(folder / "model.safetensors")
+    assert not again.language_model.lm_head.weight.eq(0).all()
+    assert all(torch.equal(v, on_disk[k]) for k, v in again.state_dict().items())
+
+
+def test_misaligned_tensor_is_copied():
+    from qwen2audio.weights import TensorEntry, mapped_tensor
+
+    data = bytearray(range(16))
+    aligned, odd = TensorEntry(torch.int16, (2,), 2, 6), TensorEntry(torch.int16, (2,), 3, 7)
+    assert torch.equal(mapped_tensor(data, aligned), torch.frombuffer(bytes(data[2:6]), dtype=torch.int16))
+    assert mapped_tensor(data, odd) is None  # the loader reads such a tensor into its own memory instead
+
+
+# Peak RSS (VmHWM) above the RSS after the imports, in a fresh process (see test_convert.MEASURE), after every
+# weight has been touched: mapped pages count once they are read.
+MEASURE_LOAD = textwrap.dedent("""
+    import json, re, sys
+    import torch
+    import qwen2audio
+    with torch.device("meta"):
+        torch.nn.Embedding(2, 2)
+    torch.ones(2**20).sum()  # starts torch's thread pool
+    def vm(field):
+        return int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read())[1]) * 1024
+    base = vm("VmRSS")
+    model = qwen2audio.load(sys.argv[1], dtype=sys.argv[2], quantize=sys.argv[3] or None, quiet=True).model
+    state = model.state_dict()
+    for t in state.values():
+        t.reshape(-1)[::1024].float().sum()  # reads every page (4 kB) of every weight
+    print(json.dumps({"peak": vm("VmHWM") - base, "weights": sum(t.numel() * t.element_size()
+                                                                  for t in state.values())}))
+""")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads peak RSS from /proc (Linux)")
+@pytest.mark.parametrize("dtype, quantize", [("float32", ""), ("bfloat16", ""), ("float32", "int8")])
+def test_load_holds_the_weights_once(decoder_heavy_checkpoint, dtype, quantize):
+    # The issue's bound: peak memory while loading at most 1.15x the loaded weights. As stored (mapped), cast while
+    # reading (one fp32 tensor at a time), and quantized while reading (one block of rows at a time).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # as in test_convert: measure tensors, not glibc arenas
+    out = subprocess.run([sys.executable, "-c", MEASURE_LOAD, str(decoder_heavy_checkpoint), dtype, quantize],
+                         capture_output=True, text=True, check=True, env=env)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"{dtype} {quantize or ''}: weights {result['weights'] / 1e6:.0f} MB, peak RSS above baseline "
+          f"{result['peak'] / 1e6:.0f} MB ({result['peak'] / result['weights']:.2f}x)")
+    assert result["peak"] <= 1.15 * result["weights"]
