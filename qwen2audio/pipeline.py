@@ -210,9 +210,10 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
 
     quantize="int8" loads the decoder's linear layers as weight-only int8, quantized as they are read (the
     full-precision decoder is never in memory); compile=True compiles the single-token decode step with
-    torch.compile (CUDA graphs on CUDA). cpu_gemv (default: on for CPU) runs one-row decoder products as
-    matrix-vector products (kernels/cpu.py). On CPU, weights kept in the file's dtype are mapped from the files,
-    not copied (see weights.py).
+    torch.compile (CUDA graphs on CUDA). cpu_gemv (default: on for CPU) runs decoder products of a few rows with
+    weight-streaming kernels (kernels/cpu.py): matrix-vector products, and for int8 a C++ kernel built on first
+    use on CPUs with AVX-512 VNNI (torch's own int8 kernel otherwise). On CPU, weights kept in the file's dtype
+    are mapped from the files, not copied (see weights.py).
     """
     if quantize not in (None, "int8"):
         raise WeightsError(f"quantize must be None or 'int8', got {quantize!r}")
@@ -221,7 +222,7 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
     config = Qwen2AudioConfig.from_file(folder)
     model = load_weights(folder, config, dtype=dtype, device=device, progress=not quiet, quantize=quantize)
     if cpu_gemv if cpu_gemv is not None else torch.device(device).type == "cpu":
-        use_cpu_gemv(model)
+        use_cpu_gemv(model, verbose=not quiet)
     has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()
     processor = Processor.from_folder(folder) if has_tokenizer else None
     pipe = Qwen2Audio(model, config, folder, GenerationConfig.from_file(folder), processor)

@@ -1,8 +1,11 @@
-"""Weight-only int8 for the decoder's linear layers and the lm_head, applied to a built model as a module swap.
+"""Weight-only int8 for the decoder's linear layers and the lm_head: a module swap on a built model
+(`quantize_int8`), or done while loading (`load(..., quantize="int8")`, the same values).
 
 Each output channel keeps one scale: w[o, :] ~= scales[o] * q[o, :] with q in [-127, 127] (symmetric, absmax).
 Activations stay in the model dtype; the matmul reads int8 weights (half the bytes of bf16), which is what bounds
-decoding speed at batch 1. The audio encoder stays in the model dtype.
+decoding speed at batch 1. (The CPU kernel of kernels/cpu.py, used while decoding where it runs, rounds each
+activation row to int16 inside the product, an error far below the weights'.) The audio encoder stays in the model
+dtype.
 """
 
 import torch
@@ -49,13 +52,18 @@ class Int8Linear(nn.Module):
             module.bias.data.copy_(linear.bias.data)
         return module
 
+    use_int8_kernel = False  # set by kernels.cpu.use_cpu_gemv where the AVX-512 VNNI kernel runs
+
     def forward(self, x: Tensor) -> Tensor:
         n_rows = x.numel() // self.in_features
         if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32, torch.float16) and \
-                n_rows <= INT8_KERNEL_MAX_ROWS:
-            # torch's fused CPU kernel: int8 weights are read as they are, never widened in memory.
+                0 < n_rows <= INT8_KERNEL_MAX_ROWS:
             flat = x.reshape(-1, self.in_features)
-            y = torch._weight_int8pack_mm(flat, self.weight, self.scales.to(x.dtype)).view(*x.shape[:-1], -1)
+            if self.use_int8_kernel:  # int8 weights streamed at memory speed (kernels/int8_gemv.cpp)
+                y = torch.ops.qwen2audio.int8_gemv(flat, self.weight, self.scales)
+            else:  # torch's fused CPU kernel: int8 weights are read as they are, never widened in memory
+                y = torch._weight_int8pack_mm(flat, self.weight, self.scales.to(x.dtype))
+            y = y.view(*x.shape[:-1], -1)
         else:
             y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)  # fused by torch.compile on GPU
         return y if self.bias is None else y + self.bias
