@@ -32,8 +32,8 @@ from .config import Qwen2AudioConfig
 from .errors import WeightsError
 from .model import Qwen2AudioForConditionalGeneration
 from .quantize import Int8Linear, int8_module_names, quantize_weight
-from .weights import (INDEX_FILE, INT8_QUANT_METHOD, SINGLE_FILE, TensorEntry, checkpoint_shards, parse_dtype,
-                      read_header, read_tensor)
+from .weights import (INDEX_FILE, INT8_QUANT_METHOD, SINGLE_FILE, TensorEntry, checkpoint_shards, meta_model,
+                      parse_dtype, read_header, read_tensor)
 
 INT8_CONFIG = {"quant_method": INT8_QUANT_METHOD, "bits": 8, "group": "per_output_channel",
                "modules": "decoder_linear"}
@@ -177,8 +177,7 @@ def convert(src: str | Path, dst: str | Path, dtype: str | torch.dtype | None = 
     jobs = [(key, path, key) for path, keys in sorted(shards.items()) for key in keys]
     int8_keys: set[str] = set()
     if quantize == "int8":
-        with torch.device("meta"):
-            int8_keys = {f"{n}.weight" for n in int8_module_names(Qwen2AudioForConditionalGeneration(config))}
+        int8_keys = {f"{n}.weight" for n in int8_module_names(meta_model(config))}
         head, embed = "language_model.lm_head.weight", "language_model.model.embed_tokens.weight"
         if config.text_config.tie_word_embeddings and not any(key == head for key, _, _ in jobs):
             # An int8 lm_head is stored on its own (int8 + scales); a tied one is quantized from the embedding.

@@ -1,18 +1,20 @@
 """Checkpoint loading: Hub safetensors (single file or sharded), strict names, meta-device build, no pickle.
 
-The model is built on the meta device (no memory) and each parameter is assigned a tensor made from its shard:
-- on CPU in the file's dtype, a view of the file mapped copy-on-write (`mmap.ACCESS_COPY`): nothing is read at load
-  time, the pages come from the OS page cache when first used, and an in-place change to a weight stays private;
-- otherwise (a cast, another device, or int8 quantization while loading) plain reads, one tensor (for int8, one
-  block of rows) at a time, converted and freed before the next.
-Either way the weights are never held twice. As with transformers (which maps the files too), the files of a loaded
-model must not be overwritten in place; `convert`/`save` write a new folder and rename it, which is safe.
+The model is built on the meta device (no memory) and each parameter is assigned a tensor read from its shard:
+- on CPU in the file's dtype, straight into its final memory, tensors of 2 MB and more on transparent huge pages
+  (decoding streams weights ~25% faster at batch 1 and ~40% at batch 8 from 2 MB pages than from the 4 kB pages of
+  a memory-mapped file, as transformers uses), read by a few threads at once;
+- otherwise (a cast, another device, or int8 quantization while loading) one tensor (for int8, one block of rows)
+  at a time, converted and freed before the next.
+Either way the weights are never held twice, and nothing stays mapped: the files may change once load() returns.
 """
 
 import json
 import math
 import mmap
+import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
@@ -87,6 +89,8 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                        "U8": torch.uint8, "BOOL": torch.bool}
 LM_HEAD = "language_model.lm_head.weight"
+HUGE_PAGE_MIN_BYTES = 2 << 20  # the size of one transparent huge page on x86-64 and arm64
+READ_THREADS = 4  # page faults and copies of several tensors at once (2 threads: 2x faster here)
 EMBED = "language_model.model.embed_tokens.weight"
 
 
@@ -142,22 +146,34 @@ def read_rows(f: BinaryIO, entry: TensorEntry, path: Path, start: int, stop: int
     return tensor
 
 
-def map_file(path: Path) -> mmap.mmap:
-    """The whole file mapped copy-on-write: reads come from the page cache, writes stay in this process."""
-    try:
-        with open(path, "rb") as f:
-            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    except (OSError, ValueError) as e:
-        raise WeightsError(f"cannot map {path}: {e}") from None
+def pread_into(fd: int, buffer: memoryview, offset: int, path: Path) -> None:
+    """Fill buffer from the file at offset (positioned reads: threads can share the file)."""
+    done = 0
+    while done < len(buffer):
+        n = os.preadv(fd, [buffer[done:]], offset + done)
+        if n <= 0:
+            raise WeightsError(f"cannot read {path}: the file ended inside a tensor; it may be truncated")
+        done += n
 
 
-def mapped_tensor(mapping: mmap.mmap, entry: TensorEntry) -> torch.Tensor | None:
-    """A tensor over the entry's bytes in the mapping, no copy (it keeps the mapping alive); None when the data is
-    not aligned to its element size (safetensors aligns them; a hand-made file might not), or is empty."""
-    numel = math.prod(entry.shape)
-    if numel == 0 or entry.start % entry.dtype.itemsize:
-        return None
-    return torch.frombuffer(mapping, dtype=entry.dtype, count=numel, offset=entry.start).view(entry.shape)
+def empty_on_huge_pages(entry: TensorEntry) -> torch.Tensor:
+    """Uninitialized memory for the tensor: for 2 MB and more, an anonymous mapping marked for transparent huge
+    pages (freed with the tensor), else torch.empty."""
+    size = entry.end - entry.start
+    if size < HUGE_PAGE_MIN_BYTES or not hasattr(os, "preadv"):
+        return torch.empty(entry.shape, dtype=entry.dtype)
+    memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        memory.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(memory, dtype=entry.dtype, count=math.prod(entry.shape)).view(entry.shape)
+
+
+def read_direct(fd: int, entry: TensorEntry, path: Path) -> torch.Tensor:
+    """One tensor read from the file descriptor into memory of its own (on huge pages when large)."""
+    tensor = empty_on_huge_pages(entry)
+    if tensor.numel():
+        pread_into(fd, memoryview(tensor.view(-1).view(torch.uint8).numpy()), entry.start, path)
+    return tensor
 
 
 def quantize_rows(f: BinaryIO, entry: TensorEntry, path: Path,
@@ -192,6 +208,19 @@ def _progress_bar(total: int, folder: Path):
     return tqdm(total=total, desc=f"Loading {folder.name}", unit="tensor", leave=False)
 
 
+def meta_model(config: Qwen2AudioConfig) -> Qwen2AudioForConditionalGeneration:
+    """The model on the meta device (shapes only, no memory), skipping the embeddings' random init: its values
+    would be replaced anyway, and the first normal_() on a meta tensor imports torch's Python decompositions,
+    1-3 s of a first load."""
+    normal = torch.nn.init.normal_
+    torch.nn.init.normal_ = lambda tensor, *args, **kwargs: tensor
+    try:
+        with torch.device("meta"):
+            return Qwen2AudioForConditionalGeneration(config)
+    finally:
+        torch.nn.init.normal_ = normal
+
+
 def load_weights(folder: str | Path, config: Qwen2AudioConfig | None = None, dtype: str | torch.dtype | None = None,
                  device: str | torch.device = "cpu", progress: bool = False,
                  quantize: str | None = None) -> Qwen2AudioForConditionalGeneration:
@@ -206,8 +235,7 @@ def load_weights(folder: str | Path, config: Qwen2AudioConfig | None = None, dty
     device = torch.device(device)
     if quantize not in (None, "int8"):
         raise WeightsError(f"quantize must be None or 'int8', got {quantize!r}")
-    with torch.device("meta"):
-        model = Qwen2AudioForConditionalGeneration(config)
+    model = meta_model(config)
     int8_file = is_int8_checkpoint(folder)
     quantize_now = quantize == "int8" and not int8_file  # an int8 folder is already quantized
     # The keys the files must hold: plain names, or for an int8 folder each decoder linear's int8 weight + scales.
@@ -242,32 +270,37 @@ def load_weights(folder: str | Path, config: Qwen2AudioConfig | None = None, dty
         if absent:
             raise WeightsError(f"{path.name} lacks {_describe(absent)}, which {INDEX_FILE} places there; "
                                "the shard is incomplete or from another checkpoint")
-        mapping = None
+        direct: list[tuple[str, TensorEntry]] = []  # read as they are, several at a time, after the loop
         with open(path, "rb") as f:
             for key in keys:
                 entry = header[key]
                 if entry.shape != expected[key]:
                     raise WeightsError(f"{path.name}: tensor {key} has shape {entry.shape}, config.json implies "
                                        f"{expected[key]}")
+                queued = len(direct)
                 for name in [key, LM_HEAD] if tied and key == EMBED else [key]:
+                    target = dtype if dtype is not None and entry.dtype.is_floating_point else entry.dtype
                     if name in quantized:
-                        q, scales = quantize_rows(f, entry, path, dtype or entry.dtype)
+                        q, scales = quantize_rows(f, entry, path, target)
                         state[name] = q.to(device)
-                        state[name.removesuffix("weight") + "scales"] = scales.to(device, dtype or entry.dtype)
-                    elif tied and name == LM_HEAD:  # the tied lm_head shares the embedding
-                        state[name] = state[EMBED]
-                    else:
-                        target = dtype if dtype is not None and entry.dtype.is_floating_point else entry.dtype
-                        tensor = None
-                        if device.type == "cpu" and target == entry.dtype:
-                            mapping = map_file(path) if mapping is None else mapping
-                            tensor = mapped_tensor(mapping, entry)
-                        if tensor is None:  # a cast or another device: read, convert, free
-                            tensor = read_tensor(f, entry, path).to(device, target)
-                        state[name] = tensor
-                if bar is not None:
+                        state[name.removesuffix("weight") + "scales"] = scales.to(device, target)
+                    elif tied and name == LM_HEAD:
+                        continue  # shares the embedding's tensor, set below
+                    elif device.type == "cpu" and target == entry.dtype:
+                        direct.append((name, entry))
+                    else:  # a cast or another device: read, convert, free
+                        state[name] = read_tensor(f, entry, path).to(device, target)
+                if bar is not None and len(direct) == queued:  # done; a queued tensor counts once read
                     bar.update(1)
+            with ThreadPoolExecutor(READ_THREADS) as pool:
+                for (name, _), tensor in zip(direct, pool.map(lambda job: read_direct(f.fileno(), job[1], path),
+                                                              direct)):
+                    state[name] = tensor
+                    if bar is not None:
+                        bar.update(1)
     if bar is not None:
         bar.close()
+    if tied and LM_HEAD not in state:  # not quantized on its own: the same tensor as the embedding
+        state[LM_HEAD] = state[EMBED]
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)

@@ -46,3 +46,15 @@ def test_compiled_decode_matches_eager_without_recompiling(tiny_checkpoint, indu
     assert counters["stats"]["unique_graphs"] == graphs
     torch.testing.assert_close(first, expected, rtol=0, atol=0)
     torch.testing.assert_close(second, expected, rtol=0, atol=0)
+
+
+def test_compiled_int8_decode_matches_eager(tiny_checkpoint, inductor):
+    # The int8 layers' kernels (a custom op on CPU) are called as they are from the compiled step.
+    features, frame_mask = extract_features([test_signal(1.5, seed=3)])
+    input_ids = torch.tensor([audio_prompt_ids([audio_token_count(int(frame_mask.sum()))], [[9707, 11], [3555]])])
+    inputs = dict(input_ids=input_ids, input_features=features, feature_attention_mask=frame_mask)
+    options = dict(max_new_tokens=N_NEW, do_sample=False, repetition_penalty=1.0, ignore_eos=True)
+    expected = qwen2audio.load(tiny_checkpoint, quantize="int8", quiet=True).generate(**inputs, **options)
+    torch._dynamo.reset()
+    got = qwen2audio.load(tiny_checkpoint, quantize="int8", compile=True, quiet=True).generate(**inputs, **options)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
