@@ -181,3 +181,23 @@ def leading_agreement(a: torch.Tensor, b: torch.Tensor) -> list[int]:
     """Per row: how many leading tokens two (B, n) results share."""
     same = (a == b).long().cumprod(dim=1)
     return same.sum(dim=1).tolist()
+
+
+def prefill_gflop(config: dict, prompt_tokens: int, mel_frames: int, encoder_positions: int,
+                  logit_rows: int) -> float:
+    """Multiply-adds x 2 of one prefill, matrix products only (convolutions, linears, attention scores and sums).
+
+    config is config.json; mel_frames the log-mel frames fed to the encoder, encoder_positions its positions after
+    conv2 (transformers: always 3000 and 1500; ours: what the clip needs), logit_rows the positions whose logits are
+    computed (transformers 5.24's Qwen2-Audio has no logits_to_keep, so all of them; ours: the last one).
+    """
+    a, t = config["audio_config"], config["text_config"]
+    d, ffn, S = a["d_model"], a["encoder_ffn_dim"], encoder_positions
+    audio = mel_frames * a.get("num_mel_bins", 128) * d * 3 + S * d * d * 3  # conv1, conv2 (kernel 3)
+    audio += a["encoder_layers"] * (S * (4 * d * d + 2 * d * ffn) + 2 * S * S * d)  # linears; q k^T and p v
+    audio += (S // 2) * d * t["hidden_size"]  # projector
+    h, L, T = t["hidden_size"], t["num_hidden_layers"], prompt_tokens
+    kv = h // t["num_attention_heads"] * t.get("num_key_value_heads", t["num_attention_heads"])
+    layer = h * h * 2 + h * kv * 2 + 3 * h * t["intermediate_size"]  # q, o; k, v; gate, up, down
+    text = L * (T * layer + T * T * h) + logit_rows * h * t["vocab_size"]  # causal attention: about half of 2 T^2 h
+    return 2 * (audio + text) / 1e9
