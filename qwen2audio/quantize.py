@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .kernels.cpu import int8_product
+
 
 QUANTIZE_BLOCK_ROWS = 256  # rows converted at a time: the fp32 block stays in cache (3x faster than 2048 rows)
 INT8_KERNEL_MAX_ROWS = 16  # decoding; longer inputs (prefill) dequantize the weight once and run one bf16 matmul
@@ -60,7 +62,7 @@ class Int8Linear(nn.Module):
                 0 < n_rows <= INT8_KERNEL_MAX_ROWS:
             flat = x.reshape(-1, self.in_features)
             if self.use_int8_kernel:  # int8 weights streamed at memory speed (kernels/int8_gemv.cpp)
-                y = torch.ops.qwen2audio.int8_gemv(flat, self.weight, self.scales)
+                y = int8_product(flat, self.weight, self.scales)
             else:  # torch's fused CPU kernel: int8 weights are read as they are, never widened in memory
                 y = torch._weight_int8pack_mm(flat, self.weight, self.scales.to(x.dtype))
             y = y.view(*x.shape[:-1], -1)

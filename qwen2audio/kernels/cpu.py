@@ -22,17 +22,20 @@ from torch import Tensor, nn
 MAX_SKINNY_ROWS = 16  # up to this many rows (decoding a batch), the weight-streaming form below is faster
 
 
-@torch.library.custom_op("qwen2audio::skinny_linear", mutates_args=())
-def skinny_linear(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """rows (n, in) @ weight.T + bias for a few rows: one pass over the weight, as `addmv` / `addmm` on weight @ rows.T.
-
-    A custom op so that torch.compile calls it as it is instead of generating its own, slower, reduction loops.
-    """
+def skinny_product(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """rows (n, in) @ weight.T + bias for a few rows: one pass over the weight, as `addmv` / `addmm` on weight @ rows.T."""
     if rows.shape[0] == 1:
         out = torch.mv(weight, rows[0]) if bias is None else torch.addmv(bias, weight, rows[0])
         return out[None]
     out = torch.mm(weight, rows.T) if bias is None else torch.addmm(bias[:, None], weight, rows.T)  # (out, n)
     return out.T.contiguous()
+
+
+# The same, as a custom op for torch.compile: compiled code calls it as it is instead of generating its own, slower,
+# reduction loops. Eager code calls the function itself: a custom op's first call imports ~800 modules (1-2 s).
+@torch.library.custom_op("qwen2audio::skinny_linear", mutates_args=())
+def skinny_linear(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return skinny_product(rows, weight, bias)
 
 
 @skinny_linear.register_fake
@@ -45,7 +48,8 @@ def gemv_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     n_rows = x.numel() // x.shape[-1]
     if x.device.type != "cpu" or n_rows > MAX_SKINNY_ROWS or n_rows == 0 or not weight.dtype.is_floating_point:
         return F.linear(x, weight, bias)
-    out = skinny_linear(x.reshape(n_rows, x.shape[-1]), weight, bias)  # (n_rows, out)
+    product = skinny_linear if torch.compiler.is_compiling() else skinny_product
+    out = product(x.reshape(n_rows, x.shape[-1]), weight, bias)  # (n_rows, out)
     return out.view(*x.shape[:-1], -1)
 
 
@@ -120,10 +124,16 @@ def int8_kernel(verbose: bool = False):
     return None if isinstance(_int8_kernel, str) else _int8_kernel
 
 
+def int8_product(rows: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
+    """scales * (rows @ weight.T) for a few float rows (n, in) and an int8 weight (out, in); each row is rounded to
+    int16 with its own scale first (see int8_gemv.cpp). Compiled code calls it through the custom op below."""
+    if torch.compiler.is_compiling():
+        return torch.ops.qwen2audio.int8_gemv(rows, weight, scales)
+    return int8_kernel().int8_gemv(rows, weight, scales)
+
+
 @torch.library.custom_op("qwen2audio::int8_gemv", mutates_args=())
 def int8_gemv(rows: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
-    """scales * (rows @ weight.T) for a few float rows (n, in) and an int8 weight (out, in); each row is rounded to
-    int16 with its own scale first (see int8_gemv.cpp). A custom op so that torch.compile calls it as it is."""
     return int8_kernel().int8_gemv(rows, weight, scales)
 
 
