@@ -205,7 +205,7 @@ class Qwen2Audio:
 
 def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
          quantize: str | None = None, compile: bool = False, cpu_gemv: bool | None = None,
-         quiet: bool = False) -> Qwen2Audio:
+         quiet: bool = False, mmap: bool = False) -> Qwen2Audio:
     """Load a Qwen2-Audio checkpoint folder (or Hub repo id). dtype=None keeps the checkpoint's dtype.
 
     quantize="int8" loads the decoder's linear layers as weight-only int8, quantized as they are read (the
@@ -213,14 +213,16 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
     torch.compile (CUDA graphs on CUDA). cpu_gemv (default: on for CPU) runs decoder products of a few rows with
     weight-streaming kernels (kernels/cpu.py): matrix-vector products, and for int8 a C++ kernel built on first
     use on CPUs with AVX-512 VNNI (torch's own int8 kernel otherwise). On CPU, weights kept in the file's dtype
-    are mapped from the files, not copied (see weights.py).
+    are read into memory on huge pages (fastest decoding); mmap=True maps the files instead (load() returns at
+    once, decoding is slower; see weights.load_weights).
     """
     if quantize not in (None, "int8"):
         raise WeightsError(f"quantize must be None or 'int8', got {quantize!r}")
     check_device(device)
     folder = resolve_model_path(path, quiet=quiet)
     config = Qwen2AudioConfig.from_file(folder)
-    model = load_weights(folder, config, dtype=dtype, device=device, progress=not quiet, quantize=quantize)
+    model = load_weights(folder, config, dtype=dtype, device=device, progress=not quiet, quantize=quantize,
+                         map_files=mmap)
     if cpu_gemv if cpu_gemv is not None else torch.device(device).type == "cpu":
         use_cpu_gemv(model, verbose=not quiet)
     has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()

@@ -108,6 +108,18 @@ def test_loaded_weights_are_the_models_own(tiny_checkpoint, tmp_path):
     assert all(torch.equal(v, on_disk[k]) for k, v in again.state_dict().items())
 
 
+def test_mmap_maps_large_tensors_copy_on_write(tiny_checkpoint, tmp_path):
+    folder = copy_checkpoint(tiny_checkpoint, tmp_path / "ckpt")
+    before = (folder / "model.safetensors").read_bytes()
+    on_disk = load_file(folder / "model.safetensors")
+    model = qwen2audio.load(folder, mmap=True).model
+    assert all(torch.equal(v, on_disk[k]) for k, v in model.state_dict().items())
+    head = model.language_model.lm_head.weight  # 40 MB: mapped
+    head.zero_()  # stays in this process
+    assert (folder / "model.safetensors").read_bytes() == before
+    assert not qwen2audio.load(folder, mmap=True).model.language_model.lm_head.weight.eq(0).all()
+
+
 def test_large_tensors_go_to_huge_page_memory():
     import mmap
 
