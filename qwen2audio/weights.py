@@ -7,6 +7,7 @@ The model is built on the meta device (no memory) and each parameter is assigned
 - otherwise (a cast, another device, or int8 quantization while loading) one tensor (for int8, one block of rows)
   at a time, converted and freed before the next.
 Either way the weights are never held twice, and nothing stays mapped: the files may change once load() returns.
+load(..., mmap=True) maps the files instead (see load_weights).
 """
 
 import json
@@ -146,12 +147,17 @@ def read_rows(f: BinaryIO, entry: TensorEntry, path: Path, start: int, stop: int
     return tensor
 
 
-def pread_into(fd: int, buffer: memoryview, offset: int, path: Path) -> None:
-    """Fill buffer from the file at offset (positioned reads: threads can share the file)."""
+def pread_into(f: BinaryIO, buffer: memoryview, offset: int, path: Path) -> None:
+    """Fill buffer from the file at offset: positioned reads, so threads can share the file (where the OS has no
+    preadv, the loader reads with one thread and this seeks)."""
     done = 0
     while done < len(buffer):
-        n = os.preadv(fd, [buffer[done:]], offset + done)
-        if n <= 0:
+        if hasattr(os, "preadv"):
+            n = os.preadv(f.fileno(), [buffer[done:]], offset + done)
+        else:
+            f.seek(offset + done)
+            n = f.readinto(buffer[done:])
+        if not n:
             raise WeightsError(f"cannot read {path}: the file ended inside a tensor; it may be truncated")
         done += n
 
@@ -160,7 +166,7 @@ def empty_on_huge_pages(entry: TensorEntry) -> torch.Tensor:
     """Uninitialized memory for the tensor: for 2 MB and more, an anonymous mapping marked for transparent huge
     pages (freed with the tensor), else torch.empty."""
     size = entry.end - entry.start
-    if size < HUGE_PAGE_MIN_BYTES or not hasattr(os, "preadv"):
+    if size < HUGE_PAGE_MIN_BYTES or not hasattr(mmap, "MAP_ANONYMOUS"):
         return torch.empty(entry.shape, dtype=entry.dtype)
     memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):
@@ -187,11 +193,11 @@ def mapped_tensor(mapping: mmap.mmap, entry: TensorEntry) -> torch.Tensor | None
     return torch.frombuffer(mapping, dtype=entry.dtype, count=numel, offset=entry.start).view(entry.shape)
 
 
-def read_direct(fd: int, entry: TensorEntry, path: Path) -> torch.Tensor:
-    """One tensor read from the file descriptor into memory of its own (on huge pages when large)."""
+def read_direct(f: BinaryIO, entry: TensorEntry, path: Path) -> torch.Tensor:
+    """One tensor read from the file into memory of its own (on huge pages when large)."""
     tensor = empty_on_huge_pages(entry)
     if tensor.numel():
-        pread_into(fd, memoryview(tensor.view(-1).view(torch.uint8).numpy()), entry.start, path)
+        pread_into(f, memoryview(tensor.view(-1).view(torch.uint8).numpy()), entry.start, path)
     return tensor
 
 
@@ -320,13 +326,12 @@ def load_weights(folder: str | Path, config: Qwen2AudioConfig | None = None, dty
                 mapping = map_file(path)
                 for name, entry in direct:
                     tensor = mapped_tensor(mapping, entry) if entry.end - entry.start >= HUGE_PAGE_MIN_BYTES else None
-                    state[name] = tensor if tensor is not None else read_direct(f.fileno(), entry, path)
+                    state[name] = tensor if tensor is not None else read_direct(f, entry, path)
                     if bar is not None:
                         bar.update(1)
                 direct = []
-            with ThreadPoolExecutor(READ_THREADS) as pool:
-                for (name, _), tensor in zip(direct, pool.map(lambda job: read_direct(f.fileno(), job[1], path),
-                                                              direct)):
+            with ThreadPoolExecutor(READ_THREADS if hasattr(os, "preadv") else 1) as pool:
+                for (name, _), tensor in zip(direct, pool.map(lambda job: read_direct(f, job[1], path), direct)):
                     state[name] = tensor
                     if bar is not None:
                         bar.update(1)
