@@ -140,10 +140,8 @@ def read_rows(f: BinaryIO, entry: TensorEntry, path: Path, start: int, stop: int
     row_shape = entry.shape[1:]
     tensor = torch.empty((stop - start, *row_shape), dtype=entry.dtype)
     if tensor.numel():
-        row_bytes = math.prod(row_shape) * entry.dtype.itemsize
-        f.seek(entry.start + start * row_bytes)
-        if f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != tensor.numel() * entry.dtype.itemsize:
-            raise WeightsError(f"cannot read {path}: the file ended inside a tensor; it may be truncated")
+        offset = entry.start + start * math.prod(row_shape) * entry.dtype.itemsize
+        pread_into(f, memoryview(tensor.view(-1).view(torch.uint8).numpy()), offset, path)
     return tensor
 
 
@@ -251,10 +249,10 @@ def load_weights(folder: str | Path, config: Qwen2AudioConfig | None = None, dty
                  map_files: bool = False) -> Qwen2AudioForConditionalGeneration:
     """Build the model on the meta device and fill it from the folder's safetensors, strictly by name.
 
-    map_files=True (`load(..., mmap=True)`) maps the files instead of reading the weights kept in the file's dtype on CPU (tensors of 2 MB and
-    more): load() returns at once and pages come in when first used, as with transformers, but decoding reads them
-    from 4 kB page-cache pages (measured ~20-40% slower here), and the files must not be overwritten in place while
-    the model lives.
+    map_files=True (`load(..., mmap=True)`) maps the files instead of reading the weights kept in the file's dtype
+    on CPU (tensors of 2 MB and more): load() returns at once and pages come in when first used, as with
+    transformers, but decoding reads them from 4 kB page-cache pages (measured ~20-40% slower here), and the files
+    must not be overwritten in place while the model lives.
 
     quantize="int8" quantizes the decoder's linear weights as they are read (what `quantize.quantize_int8` does to a
     built model, with the same values), so the full-precision decoder is never in memory.

@@ -23,7 +23,8 @@ MAX_SKINNY_ROWS = 16  # up to this many rows (decoding a batch), the weight-stre
 
 
 def skinny_product(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """rows (n, in) @ weight.T + bias for a few rows: one pass over the weight, as `addmv` / `addmm` on weight @ rows.T."""
+    """rows (n, in) @ weight.T + bias for a few rows: one pass over the weight, as `addmv` / `addmm` on
+    weight @ rows.T."""
     if rows.shape[0] == 1:
         out = torch.mv(weight, rows[0]) if bias is None else torch.addmv(bias, weight, rows[0])
         return out[None]
