@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: cuda if available, else mps, else cpu")
     g.add_argument("--quantize", choices=["int8"], default=None, help="weight-only int8 for the decoder")
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    g.add_argument("--mmap", action="store_true",
+                   help="map the weight files instead of reading them: loads at once, decodes slower")
     s = common.add_argument_group("generation (defaults: the checkpoint's generation_config.json)")
     s.add_argument("--max-new-tokens", type=_checked(int, lambda v: v >= 1, ">= 1"), default=512, metavar="N",
                    help="most tokens in a reply (default: %(default)s)")
@@ -281,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
     clips = [load_audio(path) for path in args.audio]
     start = time.perf_counter()
     pipe = qwen2audio.load(args.model, dtype=None if args.dtype == "auto" else args.dtype, device=device,
-                           quantize=args.quantize, compile=args.compile, quiet=args.quiet)
+                           quantize=args.quantize, compile=args.compile, mmap=args.mmap, quiet=args.quiet)
     load_seconds = time.perf_counter() - start
     if args.command == "caption":
         prompt = args.prompt if AUDIO_PLACEHOLDER in args.prompt else base_prompt(args.prompt, len(clips))
