@@ -135,8 +135,8 @@ def ours_generate(pipe, inputs: dict[str, torch.Tensor], new_tokens: int,
     try:
         tokens, stamps = [], []
         start = time.perf_counter()
-        for token in pipe.generate_stream(**inputs, max_new_tokens=new_tokens, do_sample=False,
-                                          repetition_penalty=1.0, ignore_eos=True):
+        options = pipe.options(max_new_tokens=new_tokens, do_sample=False, repetition_penalty=1.0, ignore_eos=True)
+        for token, _ in pipe.generate_stream(**inputs, options=options):
             stamps.append(time.perf_counter())
             tokens.append(token)
     finally:

@@ -6,7 +6,7 @@ from .errors import AudioError, ConfigError, InputError, Qwen2AudioError, Weight
 from .convert import convert, save
 from .model import Qwen2AudioForConditionalGeneration
 from .pipeline import Qwen2Audio, load
-from .prompt import Processor, apply_chat_template
+from .processor import Processor, apply_chat_template
 from .tokenizer import Tokenizer
 
 __all__ = ["AudioConfig", "AudioError", "ConfigError", "GenerationConfig", "InputError", "Processor", "Qwen2Audio",

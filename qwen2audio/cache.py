@@ -1,24 +1,39 @@
-"""Static key/value cache: fixed-size buffers written at explicit positions, so decode steps have fixed shapes."""
+"""Static key/value cache: fixed-size buffers written at explicit slots, so decode steps have fixed shapes.
+
+A cache is an object of its own, passed to the decoder with each call, never stored inside the model: two
+generations (two threads, or two interleaved streams) each hold their own cache and cannot disturb each other, and
+whoever runs generation (the pipeline, the server's batch scheduler) decides which cache serves which sequences.
+"""
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 
-class KVCache(nn.Module):
-    def __init__(self, batch_size: int, n_kv_heads: int, max_seq_len: int, head_dim: int,
+class KVCache:
+    """Keys (after RoPE) and values of every decoder layer, each (batch, kv_heads, max_seq_len, head_dim)."""
+
+    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_seq_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str) -> None:
-        super().__init__()
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
-        # Not persistent: the cache is run-time state, never part of a checkpoint.
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # Zeros, not empty: unused slots are masked, but a masked NaN would still poison attention (0 * NaN).
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        if torch.device(device).type == "cuda":  # fixed addresses let CUDA graphs replay without copying the cache
+            for buffer in self.keys + self.values:
+                torch._dynamo.mark_static_address(buffer)
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0] if self.keys else 0
 
     @property
     def max_seq_len(self) -> int:
-        return self.k_cache.shape[2]
+        return self.keys[0].shape[2] if self.keys else 0
 
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, n_kv_heads, T, head_dim) at slots input_pos (T,); return the whole cache."""
-        self.k_cache.index_copy_(2, input_pos, k)
-        self.v_cache.index_copy_(2, input_pos, v)
-        return self.k_cache, self.v_cache
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return self.keys[0].dtype if self.keys else None
+
+    def layer(self, index: int) -> tuple[Tensor, Tensor]:
+        """(keys, values) of one decoder layer, which its attention writes in place."""
+        return self.keys[index], self.values[index]

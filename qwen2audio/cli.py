@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import Qwen2AudioError
-from .prompt import AUDIO_PLACEHOLDER, base_prompt
+from .processor import AUDIO_PLACEHOLDER, base_prompt
 
 if TYPE_CHECKING:
     from .pipeline import Qwen2Audio
@@ -31,10 +31,6 @@ if TYPE_CHECKING:
 DEFAULT_MODEL = "Qwen/Qwen2-Audio-7B-Instruct"
 HELP_INTERACTIVE = ("type a message and press Enter; /audio PATH attaches a recording to your next message (an empty "
                     "line then sends the audio alone); /reset starts over; /exit (or Ctrl-D) quits")
-
-
-class UsageError(Qwen2AudioError):
-    """A command-line choice that cannot work on this machine (a device torch cannot see)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -126,21 +122,6 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def _notice(args: argparse.Namespace, text: str) -> None:
     if not args.quiet:
         print(text, file=sys.stderr)
-
-
-def _device(name: str) -> str:
-    import torch
-
-    from .pipeline import device_available
-
-    if name == "auto":
-        return "cuda" if device_available("cuda") else "mps" if device_available("mps") else "cpu"
-    if name == "cuda" and not device_available("cuda"):
-        raise UsageError(f"--device cuda: torch {torch.__version__} sees no CUDA GPU (a CPU-only build of torch, or "
-                         "no driver); use --device cpu, or install a CUDA build of torch")
-    if name == "mps" and not device_available("mps"):
-        raise UsageError("--device mps: Apple's Metal backend is not available here; use --device cpu")
-    return name
 
 
 def _options(args: argparse.Namespace) -> dict:
@@ -277,8 +258,9 @@ def _interactive(pipe: "Qwen2Audio", args: argparse.Namespace, load_seconds: flo
 def run(args: argparse.Namespace) -> int:
     import qwen2audio
     from .audio import load_audio
+    from .pipeline import resolve_device
 
-    device = _device(args.device)
+    device = str(resolve_device(args.device))  # a device torch cannot use is an error before any file is read
     # Check every audio file before spending a minute on 16 GB of weights.
     clips = [load_audio(path) for path in args.audio]
     start = time.perf_counter()

@@ -31,7 +31,7 @@ from torch import Tensor
 from .config import Qwen2AudioConfig
 from .errors import WeightsError
 from .model import Qwen2AudioForConditionalGeneration
-from .quantize import Int8Linear, int8_module_names, quantize_weight
+from .quantize import Int8Linear, check_quantize, int8_module_names, quantize_weight
 from .weights import (INDEX_FILE, INT8_QUANT_METHOD, SINGLE_FILE, TensorEntry, checkpoint_shards, meta_model,
                       parse_dtype, read_header, read_tensor)
 
@@ -162,8 +162,7 @@ def convert(src: str | Path, dst: str | Path, dtype: str | torch.dtype | None = 
     linear weights int8 if quantize="int8", in shards of at most `max_shard_size` (one bigger tensor gets its own)."""
     src, dst = Path(src), Path(dst)
     target, limit = parse_dtype(dtype), parse_size(max_shard_size)
-    if quantize not in (None, "int8"):
-        raise WeightsError(f"quantize must be None or 'int8', got {quantize!r}")
+    check_quantize(quantize)
     if not src.is_dir():
         raise WeightsError(f"source folder {src} does not exist")
     if src.resolve() != dst.resolve() and src.resolve().is_relative_to(dst.resolve()):

@@ -31,16 +31,16 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=True)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
-        self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                kv: tuple[Tensor, Tensor] | None = None, input_pos: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, heads, T, head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, kv_heads, T, head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # keys are cached after RoPE
-        if input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, kv_heads, max_seq_len, head_dim)
+        if kv is not None:  # write this step into the layer's cache slots, then attend over the whole cache
+            k, v = kv[0].index_copy_(2, input_pos, k), kv[1].index_copy_(2, input_pos, v)  # (B, kv_heads, S, hd)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                              scale=self.head_dim ** -0.5,
                                              enable_gqa=self.n_kv_heads != self.n_heads)
@@ -66,8 +66,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                kv: tuple[Tensor, Tensor] | None = None, input_pos: Tensor | None = None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, input_pos)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -79,13 +80,14 @@ class Qwen2Model(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: Tensor, positions: Tensor, mask: Tensor | None, input_pos: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, positions: Tensor, mask: Tensor | None, cache: KVCache | None = None,
+                input_pos: Tensor | None = None) -> Tensor:
         """x (B, T, hidden) embeddings; positions (B, T) RoPE positions; mask (B, 1, T, S) bool or None (causal);
-        input_pos (T,) cache slots, or None to run without the cache."""
+        with a cache, input_pos (T,) are the cache slots the T new tokens are written to."""
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)  # fp32 (B, T, head_dim)
         cos, sin = cos.to(x.dtype)[:, None], sin.to(x.dtype)[:, None]  # (B, 1, T, head_dim), activation dtype
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask, input_pos)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, None if cache is None else cache.layer(i), input_pos)
         return self.norm(x)
 
 
@@ -94,21 +96,3 @@ class Qwen2ForCausalLM(nn.Module):
         super().__init__()
         self.model = Qwen2Model(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-
-    def setup_cache(self, batch_size: int, max_seq_len: int) -> None:
-        """Allocate a static cache for every layer, in the dtype and on the device of the weights."""
-        cfg, w = self.model.cfg, self.lm_head.weight
-        dtype = self.model.embed_tokens.weight.dtype
-        for layer in self.model.layers:
-            layer.self_attn.kv_cache = KVCache(batch_size, cfg.num_key_value_heads, max_seq_len, cfg.head_dim,
-                                               dtype, w.device)
-
-    def clear_cache(self) -> None:
-        for layer in self.model.layers:
-            layer.self_attn.kv_cache = None
-
-    @property
-    def cache_size(self) -> tuple[int, int] | None:
-        """(batch, max_seq_len) of the allocated cache, or None."""
-        cache = self.model.layers[0].self_attn.kv_cache if len(self.model.layers) else None
-        return None if cache is None else (cache.k_cache.shape[0], cache.max_seq_len)

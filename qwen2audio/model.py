@@ -7,6 +7,7 @@ checkpoint loads with `load_state_dict(strict=True)` and no renaming.
 import torch
 from torch import Tensor, nn
 
+from .cache import KVCache
 from .config import Qwen2AudioConfig
 from .decoder import Qwen2ForCausalLM
 from .encoder import AudioEncoder, MultiModalProjector, encoder_window
@@ -44,6 +45,18 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
         self.language_model = Qwen2ForCausalLM(cfg.text_config)
         # "fast" encodes each batch of clips up to its longest valid length; "reference" always encodes 30 s.
         self.encoder_mode = "fast"
+        # The dtype of the decoder's activations and KV cache; None means the weights' dtype. float32 over bf16
+        # weights keeps bf16 in memory and computes in fp32 (for CPUs without bf16 arithmetic; kernels/cpu.py).
+        self.activation_dtype: torch.dtype | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the decoder computes in (its weights' dtype unless activation_dtype says otherwise)."""
+        return self.activation_dtype or self.language_model.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.model.embed_tokens.weight.device
 
     def encode_audio(self, input_features: Tensor, feature_attention_mask: Tensor, mode: str | None = None) -> Tensor:
         """log-mel (n_audio, n_mels, 3000) + frame mask (n_audio, 3000) -> projected rows (sum of tokens, hidden),
@@ -68,10 +81,25 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
         keep = torch.arange(rows.shape[1], device=rows.device)[None, :] < n_tokens.to(rows.device)[:, None]
         return rows[keep]  # boolean indexing is row-major: audio order, then time
 
+    def check_ids(self, input_ids: Tensor) -> Tensor:
+        """input_ids as given, after checking they are a (batch, length) integer tensor of ids in the vocabulary."""
+        if not isinstance(input_ids, Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point() or \
+                input_ids.is_complex() or input_ids.dtype == torch.bool or input_ids.numel() == 0:
+            what = f"{input_ids.dtype} tensor of shape {tuple(input_ids.shape)}" if isinstance(input_ids, Tensor) \
+                else type(input_ids).__name__
+            raise InputError(f"input_ids must be a non-empty (batch, length) tensor of integer token ids, got {what}")
+        vocab = self.cfg.text_config.vocab_size
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab:
+            raise InputError(f"input_ids hold token id {low if low < 0 else high}, outside the vocabulary "
+                             f"(0..{vocab - 1})")
+        return input_ids
+
     def embed(self, input_ids: Tensor, input_features: Tensor | None = None,
               feature_attention_mask: Tensor | None = None) -> Tensor:
         """Token embeddings (B, T, hidden) with the audio rows scattered into the <|AUDIO|> positions."""
-        embeds = self.language_model.model.embed_tokens(input_ids)
+        self.check_ids(input_ids)
+        embeds = self.language_model.model.embed_tokens(input_ids).to(self.dtype)
         is_audio = input_ids == self.cfg.audio_token_index
         n_slots = int(is_audio.sum())
         if input_features is None:
@@ -97,20 +125,24 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
             mask = causal_padding_mask(attention_mask, torch.arange(T, device=x.device), T)
         return self.language_model.lm_head(self.language_model.model(x, positions, mask))
 
-    def forward_cached(self, x: Tensor, positions: Tensor, input_pos: Tensor, mask: Tensor,
+    def forward_cached(self, x: Tensor, positions: Tensor, cache: KVCache, input_pos: Tensor, mask: Tensor,
                        last_only: bool = True) -> Tensor:
-        """One incremental step through the static cache (allocate it with setup_cache).
+        """One incremental step through a static cache (made by new_cache).
 
-        x (B, T, hidden) embeddings of new tokens, positions (B, T) RoPE positions, input_pos (T,) cache slots,
-        mask (B, 1, T, max_seq_len). Returns logits (B, 1, vocab) of the last position, or (B, T, vocab).
+        x (B, T, hidden) embeddings of new tokens, positions (B, T) RoPE positions, input_pos (T,) the cache slots
+        they are written to, mask (B, 1, T, max_seq_len). Returns logits (B, 1, vocab) of the last position, or
+        (B, T, vocab).
         """
-        h = self.language_model.model(x, positions, mask, input_pos)
+        h = self.language_model.model(x, positions, mask, cache, input_pos)
         # contiguous(): a strided (B > 1, 1, hidden) slice sends F.linear down matmul's batched path, which copies
         # the (vocab, hidden) weight once per row (9.5 GB and ~100 s for the 7B's lm_head at batch 8, on CPU).
         return self.language_model.lm_head(h[:, -1:].contiguous() if last_only else h)
 
-    def setup_cache(self, batch_size: int, max_seq_len: int) -> None:
-        if max_seq_len > self.cfg.text_config.max_position_embeddings:
+    def new_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
+        """An empty cache for batch_size sequences of up to max_seq_len tokens, on the model's device."""
+        t = self.cfg.text_config
+        if max_seq_len > t.max_position_embeddings:
             raise InputError(f"a cache of {max_seq_len} positions exceeds max_position_embeddings "
-                             f"({self.cfg.text_config.max_position_embeddings}); shorten the prompt or max_new_tokens")
-        self.language_model.setup_cache(batch_size, max_seq_len)
+                             f"({t.max_position_embeddings}); shorten the prompt or max_new_tokens")
+        return KVCache(t.num_hidden_layers, batch_size, t.num_key_value_heads, max_seq_len, t.head_dim, self.dtype,
+                       self.device)

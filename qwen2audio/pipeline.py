@@ -1,9 +1,11 @@
 """`qwen2audio.load()`: a model folder or Hub repo id -> a ready pipeline (model, config, tokenizer, processor).
 
-The pipeline turns conversations into replies: audio items are decoded (audio.py), the prompt is rendered
-(prompt.py), the processor builds the model inputs, and generate.py produces the tokens.
+The pipeline turns conversations into replies: audio items are decoded (audio.py), the prompt is rendered and the
+model inputs built (processor.py), and generate.py produces the tokens. Each generation holds a KV cache of its own
+(taken from a small pool), so one pipeline serves several threads, and interleaved streams, without mixing them up.
 """
 
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -11,20 +13,20 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .cache import KVCache
 from .config import GenerationConfig, Qwen2AudioConfig
 from .errors import InputError, WeightsError
-from .generate import decode_step, generate_stream
+from .generate import GenerationOptions, decode_step, generate_stream
 from .kernels.cpu import use_cpu_gemv
 from .model import Qwen2AudioForConditionalGeneration
-from .prompt import Message, Processor, apply_chat_template, conversation_audios
+from .processor import Message, Processor, apply_chat_template, as_conversations, conversation_audios
+from .quantize import check_quantize
 from .tokenizer import Tokenizer
 from .weights import MODEL_FILES, load_weights
 
-# Used when a checkpoint has no generation_config.json: Instruct replies end with <|im_end|>.
+# Used when a checkpoint's generation_config.json names no eos: Instruct replies end with <|im_end|>.
 FALLBACK_EOS = (151645, 151643)
 DEFAULT_MAX_NEW_TOKENS = 512
-_OPTIONS = {"max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
-            "seed", "ignore_eos", "long_audio"}
 
 
 def resolve_model_path(path_or_repo_id: str | Path, quiet: bool = False) -> Path:
@@ -50,65 +52,63 @@ def resolve_model_path(path_or_repo_id: str | Path, quiet: bool = False) -> Path
             enable_progress_bars()
 
 
-def device_available(kind: str) -> bool:
-    """Whether this torch build and machine can use a device type ('cpu', 'cuda', 'mps'; others are left to torch)."""
-    if kind == "cuda":
-        return torch.cuda.is_available()
-    if kind == "mps":
-        return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    return True
-
-
-def check_device(device: str | torch.device) -> None:
-    """A device that this torch build and machine cannot use is a clear error before 16 GB of weights are read."""
+def resolve_device(device: str | torch.device) -> torch.device:
+    """The device to load on: "auto" picks cuda, then mps, then cpu; a device this torch build and machine cannot
+    use is an InputError before any weight is read."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu")
     try:
-        kind = torch.device(device).type
+        device = torch.device(device)
     except (RuntimeError, TypeError):
-        raise InputError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
-    if not device_available(kind):
-        raise InputError(f"device {device!r} is not available on this machine (this torch is {torch.__version__}); "
-                         "use device='cpu' or install a torch build for that device")
+        raise InputError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
+    available = {"cuda": torch.cuda.is_available, "mps": _mps_available}.get(device.type, lambda: True)
+    if not available():
+        raise InputError(f"device {str(device)!r} is not available on this machine (this torch is "
+                         f"{torch.__version__}); use the CPU (device='cpu', --device cpu) or install a torch build for "
+                         "that device")
+    return device
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 
 class Qwen2Audio:
     """A loaded model with everything needed to talk to it."""
 
-    def __init__(self, model: Qwen2AudioForConditionalGeneration, config: Qwen2AudioConfig, path: Path,
+    def __init__(self, model: Qwen2AudioForConditionalGeneration, path: Path,
                  generation_config: GenerationConfig | None, processor: Processor | None = None) -> None:
-        self.model = model
-        self.config = config
+        self.model = model.eval()  # no dropout in Qwen2-Audio; eval() only states that this is for inference
+        self.config: Qwen2AudioConfig = model.cfg
         self.path = path
         self.generation_config = generation_config or GenerationConfig()
         self.processor = processor
         self.tokenizer: Tokenizer | None = processor.tokenizer if processor else None
         self.decode_fn = decode_step  # replaced by a compiled version with load(compile=True)
-        self.last_stats: dict[str, float] | None = None  # timings of the last generation
+        self.last_stats: dict[str, float] | None = None  # timings of the last generation that finished
+        self._idle_caches: list[KVCache] = []  # caches no generation holds now, reused by the next ones
+        self._lock = threading.Lock()  # guards the pool only; generations run concurrently
 
     @property
     def device(self) -> torch.device:
-        return self.model.language_model.model.embed_tokens.weight.device
+        return self.model.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.language_model.model.embed_tokens.weight.dtype
+        return self.model.dtype
 
     # -- options --------------------------------------------------------------------------------------------------
 
-    def _options(self, options: dict) -> dict:
-        """Explicit options over generation_config.json over transformers' defaults."""
-        unknown = set(options) - _OPTIONS
-        if unknown:
-            raise InputError(f"unknown generation option(s) {', '.join(sorted(unknown))}; known: "
-                             f"{', '.join(sorted(_OPTIONS))}")
-        g = self.generation_config
-        pad = g.pad_token_id
-        eos = g.eos_token_id or FALLBACK_EOS
-        merged = dict(max_new_tokens=g.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, do_sample=g.do_sample,
-                      temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
-                      repetition_penalty=g.repetition_penalty, eos_token_ids=eos,
-                      pad_token_id=pad if pad is not None else eos[0])
-        merged.update({k: v for k, v in options.items() if v is not None and k != "long_audio"})
-        return merged
+    def options(self, **overrides) -> GenerationOptions:
+        """GenerationOptions: the overrides given (None means "the default") over generation_config.json over
+        transformers' defaults. Stop ids outside the vocabulary (the fallback ids, for a small model) are dropped."""
+        g, vocab = self.generation_config, self.config.vocab_size
+        eos = tuple(i for i in (g.eos_token_id or FALLBACK_EOS) if i < vocab)
+        pad = g.pad_token_id if g.pad_token_id is not None and g.pad_token_id < vocab else (eos[0] if eos else 0)
+        defaults = GenerationOptions(max_new_tokens=g.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, do_sample=g.do_sample,
+                                     temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
+                                     repetition_penalty=g.repetition_penalty, eos_token_ids=eos, pad_token_id=pad)
+        return defaults.replace(**{k: v for k, v in overrides.items() if v is not None})
 
     def _require_processor(self) -> Processor:
         if self.processor is None:
@@ -118,30 +118,44 @@ class Qwen2Audio:
 
     # -- token level ------------------------------------------------------------------------------------------------
 
+    def _take_cache(self, batch_size: int, length: int) -> KVCache:
+        with self._lock:
+            for cache in self._idle_caches:
+                if cache.batch_size == batch_size and cache.max_seq_len >= length:
+                    self._idle_caches.remove(cache)
+                    return cache
+        return self.model.new_cache(batch_size, length)
+
+    def _give_back(self, cache: KVCache) -> None:
+        with self._lock:  # keep the last few, so a chat does not allocate its cache again every turn
+            self._idle_caches = [cache] + self._idle_caches[:1]
+
     def generate_stream(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                         input_features: Tensor | None = None, feature_attention_mask: Tensor | None = None,
-                        **options) -> Iterator[Tensor]:
-        """Yield each step's tokens (B,) as they are produced; records timings in `last_stats`."""
-        opts = self._options(options)
-        start = time.perf_counter()
-        steps, first = 0, None
-        for token in generate_stream(self.model, input_ids, attention_mask, input_features, feature_attention_mask,
-                                     decode_fn=self.decode_fn, **opts):
-            if first is None:
-                first = time.perf_counter() - start
+                        options: GenerationOptions | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield (tokens (B,), live (B,)) per step, as `generate.generate_stream`; records timings in
+        `last_stats`."""
+        options = options or self.options()
+        cache = self._take_cache(*input_ids.shape[:1], input_ids.shape[-1] + options.max_new_tokens)
+        start, first, steps = time.perf_counter(), 0.0, 0
+        for step in generate_stream(self.model, input_ids, attention_mask, input_features, feature_attention_mask,
+                                    options, cache=cache, decode_fn=self.decode_fn):
+            first = first or time.perf_counter() - start
             steps += 1
-            yield token
+            yield step
+        self._give_back(cache)  # not reached when the caller abandons the stream: that cache is simply dropped
         total = time.perf_counter() - start
         decode_tps = (steps - 1) / (total - first) if steps > 1 and total > first else 0.0
-        self.last_stats = {"time_to_first_token_s": round(first or 0.0, 4), "new_tokens": steps,
+        self.last_stats = {"time_to_first_token_s": round(first, 4), "new_tokens": steps,
                            "decode_tokens_per_s": round(decode_tps, 2), "generate_s": round(total, 4)}
 
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, input_features: Tensor | None = None,
                  feature_attention_mask: Tensor | None = None, **options) -> Tensor:
-        """New token ids only, (B, n), each row padded with the pad id after it stops."""
-        steps = list(self.generate_stream(input_ids, attention_mask, input_features, feature_attention_mask,
-                                          **options))
-        return torch.stack(steps, dim=1)
+        """New token ids only, (B, n), each row padded with the pad id after it stops (transformers' generate()
+        without the prompt). Options as for `options()`."""
+        steps = self.generate_stream(input_ids, attention_mask, input_features, feature_attention_mask,
+                                     self.options(**options))
+        return torch.stack([tokens for tokens, _ in steps], dim=1)
 
     # -- text level -------------------------------------------------------------------------------------------------
 
@@ -154,53 +168,48 @@ class Qwen2Audio:
         clips = [load_audio(a, None if isinstance(a, (str, Path, bytes)) else 16000) for a in (audio or [])]
         return self._require_processor()(prompts, audio=clips or None, long_audio=long_audio)
 
-    def _replies(self, batch: dict[str, Tensor], options: dict) -> Iterator[list[int | None]]:
+    def _token_rows(self, batch: dict[str, Tensor], options: dict) -> Iterator[list[int | None]]:
         """Yield, per step, each row's new token id (None once the row has stopped)."""
-        eos = set(self._options(options)["eos_token_ids"])
-        stopped = [False] * batch["input_ids"].shape[0]
-        for token in self.generate_stream(**batch, **options):
-            row_tokens = []
-            for i, t in enumerate(token.tolist()):
-                row_tokens.append(None if stopped[i] else t)
-                stopped[i] = stopped[i] or (t in eos and not options.get("ignore_eos"))
-            yield row_tokens
+        for tokens, live in self.generate_stream(**batch, options=self.options(**options)):
+            yield [t if alive else None for t, alive in zip(tokens.tolist(), live.tolist())]
 
-    def complete(self, prompts: str | list[str], audio: Sequence | None = None, **options) -> str | list[str]:
+    def complete(self, prompts: str | list[str], audio: Sequence | None = None, long_audio: str = "truncate",
+                 **options) -> str | list[str]:
         """Raw prompt(s) with <|audio_bos|><|AUDIO|><|audio_eos|> placeholders (the base model's format) -> text."""
-        batch = self.inputs(prompts, audio, options.get("long_audio") or "truncate")
+        batch = self.inputs(prompts, audio, long_audio)
         rows: list[list[int]] = [[] for _ in range(batch["input_ids"].shape[0])]
-        for step in self._replies(batch, options):
+        for step in self._token_rows(batch, options):
             for row, t in zip(rows, step):
                 if t is not None:
                     row.append(t)
         texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in rows]
         return texts if isinstance(prompts, list) else texts[0]
 
-    def stream_prompt(self, prompt: str, audio: Sequence | None = None, **options) -> Iterator[str]:
+    def stream_prompt(self, prompt: str, audio: Sequence | None = None, long_audio: str = "truncate",
+                      **options) -> Iterator[str]:
         """Like `complete` for one prompt, yielding text pieces as they are decoded."""
-        batch = self.inputs(prompt, audio, options.get("long_audio") or "truncate")
+        batch = self.inputs(prompt, audio, long_audio)
         decoder = self.tokenizer.stream(skip_special_tokens=True)
-        for (token,) in self._replies(batch, options):
-            piece = decoder.put(token) if token is not None else ""
-            if piece:
+        for (token,) in self._token_rows(batch, options):
+            if token is not None and (piece := decoder.put(token)):
                 yield piece
-        tail = decoder.flush()
-        if tail:
+        if tail := decoder.flush():
             yield tail
 
-    def chat(self, conversation: Sequence[Message] | Sequence[Sequence[Message]], **options) -> str | list[str]:
+    def chat(self, conversation: Sequence[Message] | Sequence[Sequence[Message]], long_audio: str = "truncate",
+             **options) -> str | list[str]:
         """The assistant's reply to a conversation (a list of replies for a list of conversations)."""
-        batched = len(conversation) > 0 and isinstance(conversation[0], (list, tuple))
-        conversations = conversation if batched else [conversation]
+        conversations, batched = as_conversations(conversation)
         prompts = [apply_chat_template(c, add_generation_prompt=True) for c in conversations]
         audio = [clip for c in conversations for clip in conversation_audios(c)]
-        replies = self.complete(prompts, audio, **options)
+        replies = self.complete(prompts, audio, long_audio, **options)
         return replies if batched else replies[0]
 
-    def stream(self, conversation: Sequence[Message], **options) -> Iterator[str]:
+    def stream(self, conversation: Sequence[Message], long_audio: str = "truncate", **options) -> Iterator[str]:
         """The assistant's reply to one conversation, as text pieces while it is generated."""
+        (conversation,), _ = as_conversations(conversation)
         prompt = apply_chat_template(conversation, add_generation_prompt=True)
-        return self.stream_prompt(prompt, conversation_audios(conversation), **options)
+        return self.stream_prompt(prompt, conversation_audios(conversation), long_audio, **options)
 
 
 def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
@@ -216,18 +225,17 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
     are read into memory on huge pages (fastest decoding); mmap=True maps the files instead (load() returns at
     once, decoding is slower; see weights.load_weights).
     """
-    if quantize not in (None, "int8"):
-        raise WeightsError(f"quantize must be None or 'int8', got {quantize!r}")
-    check_device(device)
+    check_quantize(quantize)
+    device = resolve_device(device)
     folder = resolve_model_path(path, quiet=quiet)
     config = Qwen2AudioConfig.from_file(folder)
     model = load_weights(folder, config, dtype=dtype, device=device, progress=not quiet, quantize=quantize,
                          map_files=mmap)
-    if cpu_gemv if cpu_gemv is not None else torch.device(device).type == "cpu":
+    if cpu_gemv if cpu_gemv is not None else device.type == "cpu":
         use_cpu_gemv(model, verbose=not quiet)
     has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()
     processor = Processor.from_folder(folder) if has_tokenizer else None
-    pipe = Qwen2Audio(model, config, folder, GenerationConfig.from_file(folder), processor)
+    pipe = Qwen2Audio(model, folder, GenerationConfig.from_file(folder), processor)
     if compile:
         mode = "reduce-overhead" if pipe.device.type == "cuda" else None  # CUDA graphs need fixed shapes: we have them
         pipe.decode_fn = torch.compile(decode_step, mode=mode, fullgraph=True, dynamic=False)

@@ -12,11 +12,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import InputError
 from .kernels.cpu import int8_product
 
 
 QUANTIZE_BLOCK_ROWS = 256  # rows converted at a time: the fp32 block stays in cache (3x faster than 2048 rows)
 INT8_KERNEL_MAX_ROWS = 16  # decoding; longer inputs (prefill) dequantize the weight once and run one bf16 matmul
+
+
+def check_quantize(quantize: str | None) -> None:
+    """The one check of a `quantize` argument, for every entry point that takes one."""
+    if quantize not in (None, "int8"):
+        raise InputError(f"quantize must be None or 'int8', got {quantize!r}")
 
 
 def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:

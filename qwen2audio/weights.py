@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from .config import Qwen2AudioConfig
 from .errors import WeightsError
 from .model import Qwen2AudioForConditionalGeneration
-from .quantize import QUANTIZE_BLOCK_ROWS, Int8Linear, int8_module_names, quantize_weight
+from .quantize import QUANTIZE_BLOCK_ROWS, check_quantize, Int8Linear, int8_module_names, quantize_weight
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -231,17 +232,27 @@ def _progress_bar(total: int, folder: Path):
     return tqdm(total=total, desc=f"Loading {folder.name}", unit="tensor", leave=False)
 
 
+class SkipInit(TorchFunctionMode):
+    """Inside `with SkipInit():`, the in-place random fills of parameter init (normal_, uniform_, ...) do nothing.
+
+    For building a model on the meta device, whose values a checkpoint replaces anyway: the first normal_() on a
+    meta tensor imports torch._dynamo (~2 s of a first load). Like `torch.device(...)`, a torch function mode
+    lives on the current thread's stack only: no other thread, and nothing outside the block, sees it.
+    """
+
+    FILLS = {torch.Tensor.normal_, torch.Tensor.uniform_, torch.nn.init.normal_, torch.nn.init.uniform_,
+             torch.nn.init.kaiming_uniform_, torch.nn.init.trunc_normal_}  # what nn modules' reset_parameters call
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.FILLS:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
 def meta_model(config: Qwen2AudioConfig) -> Qwen2AudioForConditionalGeneration:
-    """The model on the meta device (shapes only, no memory), skipping the embeddings' random init: its values
-    would be replaced anyway, and the first normal_() on a meta tensor imports torch's Python decompositions,
-    1-3 s of a first load."""
-    normal = torch.nn.init.normal_
-    torch.nn.init.normal_ = lambda tensor, *args, **kwargs: tensor
-    try:
-        with torch.device("meta"):
-            return Qwen2AudioForConditionalGeneration(config)
-    finally:
-        torch.nn.init.normal_ = normal
+    """The model on the meta device: shapes only, no memory, no random init."""
+    with torch.device("meta"), SkipInit():
+        return Qwen2AudioForConditionalGeneration(config)
 
 
 def load_weights(folder: str | Path, config: Qwen2AudioConfig | None = None, dtype: str | torch.dtype | None = None,
@@ -261,8 +272,7 @@ def load_weights(folder: str | Path, config: Qwen2AudioConfig | None = None, dty
     config = config or Qwen2AudioConfig.from_file(folder)
     dtype = parse_dtype(dtype)
     device = torch.device(device)
-    if quantize not in (None, "int8"):
-        raise WeightsError(f"quantize must be None or 'int8', got {quantize!r}")
+    check_quantize(quantize)
     model = meta_model(config)
     int8_file = is_int8_checkpoint(folder)
     quantize_now = quantize == "int8" and not int8_file  # an int8 folder is already quantized
@@ -338,4 +348,4 @@ def load_weights(folder: str | Path, config: Qwen2AudioConfig | None = None, dty
     if tied and LM_HEAD not in state:  # not quantized on its own: the same tensor as the embedding
         state[LM_HEAD] = state[EMBED]
     model.load_state_dict(state, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+    return model

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 import qwen2audio
 from qwen2audio.config import Qwen2AudioConfig
 from qwen2audio.convert import convert, parse_size, save
-from qwen2audio.errors import WeightsError
+from qwen2audio.errors import InputError, WeightsError
 from qwen2audio.features import audio_token_count, extract_features
 from qwen2audio.quantize import Int8Linear, int8_module_names, quantize_int8
 from qwen2audio.weights import checkpoint_shards
@@ -296,7 +296,7 @@ def test_clear_errors(tiny_checkpoint, tmp_path):
         convert(tiny_checkpoint, tmp_path / "dst", max_shard_size="2 gigs")
     with pytest.raises(WeightsError, match="unknown dtype 'float64'"):
         convert(tiny_checkpoint, tmp_path / "dst", dtype="float64")
-    with pytest.raises(WeightsError, match="quantize"):
+    with pytest.raises(InputError, match="quantize"):
         convert(tiny_checkpoint, tmp_path / "dst", quantize="int4")
     with pytest.raises(WeightsError, match="contains the source"):
         convert(tiny_checkpoint, tiny_checkpoint.parent, force=True)

@@ -9,10 +9,16 @@ import qwen2audio
 import qwen2audio.generate as gen
 from qwen2audio.errors import InputError
 from qwen2audio.features import audio_token_count, extract_features
-from qwen2audio.generate import generate
+from qwen2audio.generate import GenerationOptions, generate
 
 PAD = 151643  # <|endoftext|>
 N_NEW = 20
+
+
+def run(model, prompt: dict, decode_fn=None, cache=None, **options) -> torch.Tensor:
+    """Our generate() on a prompt dict, with N_NEW new tokens and PAD unless the options say otherwise."""
+    options = {"max_new_tokens": N_NEW, "pad_token_id": PAD, **options}
+    return generate(model, **prompt, options=GenerationOptions(**options), decode_fn=decode_fn, cache=cache)
 
 
 def audio_ids(frames: int) -> list[int]:
@@ -68,15 +74,14 @@ def stop_lengths(tokens: torch.Tensor, eos: list[int]) -> list[int]:
 def test_greedy_matches_transformers(models, prompts, case, penalty):
     hf, ours = models
     prompt = prompts[case]
-    free = generate(ours, **prompt, max_new_tokens=N_NEW, repetition_penalty=penalty, pad_token_id=PAD)
+    free = run(ours, prompt, repetition_penalty=penalty)
     # Random tiny models rarely say eos: promote tokens that greedy decoding emits, so rows stop at different steps.
     eos = [int(free[0, 5])] + ([int(free[2, 12])] if case == "batch" else [])
     expected = hf_generate(hf, prompt, repetition_penalty=penalty, eos_token_id=eos)
     lengths = stop_lengths(expected, eos)
     assert min(lengths) <= 6 and (case != "batch" or len(set(lengths)) == 3), "eos choice no longer stops rows"
 
-    out = generate(ours, **prompt, max_new_tokens=N_NEW, repetition_penalty=penalty, eos_token_ids=eos,
-                   pad_token_id=PAD)
+    out = run(ours, prompt, repetition_penalty=penalty, eos_token_ids=eos)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     for row, n in zip(out, lengths):
         assert (row[n:] == PAD).all()  # the pad fill after a row stopped
@@ -85,32 +90,31 @@ def test_greedy_matches_transformers(models, prompts, case, penalty):
 def test_greedy_matches_transformers_gqa(tiny_gqa_checkpoint, prompts):
     hf, ours = load_hf(tiny_gqa_checkpoint), qwen2audio.load(tiny_gqa_checkpoint).model
     expected = hf_generate(hf, prompts["batch"], repetition_penalty=1.1)
-    out = generate(ours, **prompts["batch"], max_new_tokens=N_NEW, repetition_penalty=1.1, pad_token_id=PAD)
+    out = run(ours, prompts["batch"], repetition_penalty=1.1)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
 def test_min_new_tokens_and_ignore_eos(models, prompts):
     hf, ours = models
     prompt = prompts["one_audio"]
-    free = generate(ours, **prompt, max_new_tokens=N_NEW, pad_token_id=PAD)
+    free = run(ours, prompt)
     eos = [int(free[0, 1])]  # greedy would stop after 2 tokens
     expected = hf_generate(hf, prompt, eos_token_id=eos, min_new_tokens=8)
-    out = generate(ours, **prompt, max_new_tokens=N_NEW, eos_token_ids=eos, min_new_tokens=8, pad_token_id=PAD)
+    out = run(ours, prompt, eos_token_ids=eos, min_new_tokens=8)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     assert stop_lengths(out, eos)[0] > 8
-    assert torch.equal(generate(ours, **prompt, max_new_tokens=N_NEW, eos_token_ids=eos, ignore_eos=True,
-                                pad_token_id=PAD), free)
+    assert torch.equal(run(ours, prompt, eos_token_ids=eos, ignore_eos=True), free)
 
 
 def test_batch_rows_equal_single_runs(models, prompts):
     _, ours = models
     batch = prompts["batch"]
-    out = generate(ours, **batch, max_new_tokens=N_NEW, repetition_penalty=1.1, pad_token_id=PAD)
+    out = run(ours, batch, repetition_penalty=1.1)
     for i in range(3):
         real = batch["attention_mask"][i].bool()
-        alone = generate(ours, batch["input_ids"][i:i + 1, real], None, batch["input_features"][i:i + 1],
-                         batch["feature_attention_mask"][i:i + 1], max_new_tokens=N_NEW, repetition_penalty=1.1,
-                         pad_token_id=PAD)
+        single = {"input_ids": batch["input_ids"][i:i + 1, real], "input_features": batch["input_features"][i:i + 1],
+                  "feature_attention_mask": batch["feature_attention_mask"][i:i + 1]}
+        alone = run(ours, single, repetition_penalty=1.1)
         assert torch.equal(out[i:i + 1], alone), f"row {i}"
 
 
@@ -128,7 +132,7 @@ def test_cached_steps_equal_full_recompute(models, prompts, monkeypatch):
         return wrapped
 
     monkeypatch.setattr(gen, "prefill", recording(gen.prefill))
-    out = generate(ours, **batch, max_new_tokens=N_NEW, pad_token_id=PAD, decode_fn=recording(gen.decode_step))
+    out = run(ours, batch, decode_fn=recording(gen.decode_step))
     assert len(step_logits) == N_NEW
     ids = torch.cat([batch["input_ids"], out[:, :-1]], dim=1)
     mask = torch.cat([batch["attention_mask"], torch.ones_like(out[:, :-1])], dim=1)
@@ -145,18 +149,24 @@ def test_cached_steps_equal_full_recompute(models, prompts, monkeypatch):
 
 
 def test_reused_cache_and_streaming(models, prompts):
-    """A larger cache left by an earlier, longer run is reused, and its stale slots change nothing."""
+    """A larger cache used by an earlier, longer run is reused as it is, and its stale slots change nothing; the
+    stream yields the same tokens as generate(), with `live` false exactly where a stopped row is padded."""
     _, ours = models
     batch = prompts["batch"]
-    longer = generate(ours, **batch, max_new_tokens=N_NEW + 10, pad_token_id=PAD)
-    size = ours.language_model.cache_size
-    streamed = []
-    out = generate(ours, **batch, max_new_tokens=N_NEW, pad_token_id=PAD,
-                   on_token=lambda step, tokens: streamed.append((step, tokens.clone())))
-    assert ours.language_model.cache_size == size
+    cache = ours.new_cache(3, batch["input_ids"].shape[1] + N_NEW + 10)
+    longer = run(ours, batch, cache=cache, max_new_tokens=N_NEW + 10)
+    keys = cache.keys[0].clone()
+    out = run(ours, batch, cache=cache)
+    assert not torch.equal(cache.keys[0], torch.zeros_like(keys))
     assert torch.equal(out, longer[:, :N_NEW])
-    assert [s for s, _ in streamed] == list(range(N_NEW))
-    assert torch.equal(torch.stack([t for _, t in streamed], dim=1), out)
+    eos = [int(out[1, 3])]
+    options = GenerationOptions(max_new_tokens=N_NEW, pad_token_id=PAD, eos_token_ids=eos)
+    steps = list(gen.generate_stream(ours, **batch, options=options))
+    tokens, live = (torch.stack(parts, dim=1) for parts in zip(*steps))
+    assert torch.equal(tokens, run(ours, batch, eos_token_ids=eos))
+    stopped = torch.cumsum(torch.isin(tokens, torch.tensor(eos)), dim=1).roll(1, dims=1)
+    stopped[:, 0] = 0
+    assert torch.equal(live, stopped == 0) and not bool(live[1, 4:].any()) and bool(live[1, :4].all())
 
 
 def test_too_long_for_the_model(models):
@@ -164,7 +174,7 @@ def test_too_long_for_the_model(models):
     limit = ours.cfg.text_config.max_position_embeddings
     ids = torch.full((1, limit - 10), 100)
     with pytest.raises(InputError, match="max_position_embeddings"):
-        generate(ours, ids, max_new_tokens=11, pad_token_id=PAD)
+        run(ours, {"input_ids": ids}, max_new_tokens=11)
 
 
 @pytest.mark.parametrize("option, value", [
@@ -175,11 +185,10 @@ def test_bad_options(models, option, value):
     _, ours = models
     options = {"max_new_tokens": 4, "do_sample": True, option: value}
     with pytest.raises(InputError, match=option):
-        generate(ours, torch.tensor([[100, 200]]), pad_token_id=PAD, **options)
+        run(ours, {"input_ids": torch.tensor([[100, 200]])}, **options)
 
 
 def test_right_padding_is_refused(models):
     _, ours = models
     with pytest.raises(InputError, match="left padding"):
-        generate(ours, torch.tensor([[100, 200, PAD]]), torch.tensor([[1, 1, 0]]), max_new_tokens=2,
-                 pad_token_id=PAD)
+        run(ours, {"input_ids": torch.tensor([[100, 200, PAD]]), "attention_mask": torch.tensor([[1, 1, 0]])})

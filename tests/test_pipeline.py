@@ -69,10 +69,10 @@ def test_generation_config_defaults_and_explicit_options_win(folder, tmp_path):
                                                    '"top_p": 0.5, "repetition_penalty": 1.1, '
                                                    '"eos_token_id": [151643, 151645], "pad_token_id": 151643}')
     pipe = qwen2audio.load(target)
-    opts = pipe._options({})
-    assert (opts["do_sample"], opts["temperature"], opts["top_k"], opts["top_p"], opts["repetition_penalty"]) == (
-        True, 0.7, 20, 0.5, 1.1)
-    assert pipe._options({"top_k": 3, "do_sample": False})["top_k"] == 3
+    o = pipe.options()
+    assert (o.do_sample, o.temperature, o.top_k, o.top_p, o.repetition_penalty, o.eos_token_ids, o.pad_token_id) == (
+        True, 0.7, 20, 0.5, 1.1, (151643, 151645), 151643)
+    assert pipe.options(top_k=3, do_sample=False).top_k == 3 and pipe.options(top_k=3).temperature == 0.7
     conversation = [{"role": "user", "content": [{"type": "audio", "audio": test_signal(1.0)}]}]
     assert pipe.chat(conversation, seed=7, max_new_tokens=6) == pipe.chat(conversation, seed=7, max_new_tokens=6)
     with pytest.raises(InputError, match="unknown generation option"):
@@ -110,3 +110,37 @@ def test_unavailable_device_is_a_clear_error(folder):
         qwen2audio.load(folder, device="cuda")
     with pytest.raises(InputError, match="unknown device"):
         qwen2audio.load(folder, device="tpu9")
+
+
+def test_threads_and_interleaved_streams_share_one_pipeline(folder):
+    """Each generation holds its own KV cache: interleaved streams and concurrent threads on one pipeline give
+    exactly the replies they give alone."""
+    import threading
+
+    pipe = qwen2audio.load(folder)
+    greedy = dict(max_new_tokens=10, do_sample=False, ignore_eos=True)
+    conversations = [[{"role": "user", "content": [{"type": "audio", "audio": test_signal(s, seed=i)},
+                                                   {"type": "text", "text": text}]}]
+                     for i, (s, text) in enumerate([(1.0, "What is it?"), (2.0, "Describe it."), (3.0, "Loud?")])]
+    alone = [pipe.chat(c, **greedy) for c in conversations]
+    assert len(set(alone)) == 3  # different replies, so a mix-up would show
+
+    streams = [pipe.stream(c, **greedy) for c in conversations]
+    pieces: list[list[str]] = [[], [], []]
+    live = set(range(3))
+    while live:  # one piece of each in turn, as a server's event loop would interleave them
+        for i in sorted(live):
+            try:
+                pieces[i].append(next(streams[i]))
+            except StopIteration:
+                live.discard(i)
+    assert ["".join(p) for p in pieces] == alone
+
+    replies: dict[int, str] = {}
+    workers = [threading.Thread(target=lambda i=i: replies.__setitem__(i, pipe.chat(conversations[i % 3], **greedy)))
+               for i in range(6)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert [replies[i] for i in range(6)] == alone * 2

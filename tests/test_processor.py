@@ -7,7 +7,7 @@ from tokenizer_fixture import hf_processor, shared_tokenizer_folder
 
 from qwen2audio.errors import InputError
 from qwen2audio.features import audio_token_count, num_frames
-from qwen2audio.prompt import BASE_CAPTION_PROMPT, Processor, apply_chat_template
+from qwen2audio.processor import BASE_CAPTION_PROMPT, Processor, apply_chat_template
 
 AUDIO_ID = 151646
 

@@ -94,12 +94,12 @@ def test_int8_agrees_with_bf16_while_decoding(tiny_checkpoint):
     with torch.no_grad():
         expected = bf16(ids, None, feats, mask)[0].argmax(-1)  # (T,)
         whole = int8(ids, None, feats, mask)[0].argmax(-1)
-        int8.setup_cache(1, T)
+        cache = int8.new_cache(1, T)
         slots = torch.ones(1, T, dtype=torch.bool)
-        stepped = [prefill(int8, ids[:, :start], slots, feats, mask).argmax(-1)]
+        stepped = [prefill(int8, ids[:, :start], slots, cache, feats, mask).argmax(-1)]
         for t in range(start, T - 1):
             pos = torch.tensor([t])
-            logits = decode_step(int8, ids[:, t:t + 1], pos[None], pos, causal_padding_mask(slots, pos, T))
+            logits = decode_step(int8, ids[:, t:t + 1], pos[None], cache, pos, causal_padding_mask(slots, pos, T))
             stepped.append(logits.argmax(-1))
     stepped = torch.cat(stepped)  # predictions for positions start - 1 .. T - 2
     prefill_agreement = (whole == expected).float().mean().item()

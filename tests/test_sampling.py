@@ -4,10 +4,10 @@ whole chain in transformers' own order, and seeded sampling through the model to
 import pytest
 import torch
 from helpers import load_hf
-from test_generate import PAD, PROMPTS, make_prompt
+from test_generate import PAD, PROMPTS, make_prompt, run
 
 import qwen2audio
-from qwen2audio.generate import (apply_repetition_penalty, apply_temperature, generate, process_logits,
+from qwen2audio.generate import (GenerationOptions, apply_repetition_penalty, apply_temperature, process_logits,
                                  seen_token_mask, top_k_filter, top_p_filter)
 
 V = 12
@@ -83,8 +83,7 @@ def test_min_new_tokens(n_generated):
     ids = torch.zeros(3, prompt_len + n_generated, dtype=torch.long)
     expected = MinNewTokensLengthLogitsProcessor(prompt_len, 3, eos)(ids, HAND_MADE)
     ours = process_logits(HAND_MADE, torch.zeros(3, V, dtype=torch.bool), n_generated, torch.tensor(eos),
-                          min_new_tokens=3, do_sample=False, temperature=1.0, top_k=None, top_p=1.0,
-                          repetition_penalty=1.0)
+                          GenerationOptions(min_new_tokens=3))
     assert torch.equal(ours, expected)
 
 
@@ -118,8 +117,9 @@ def test_processor_chain_in_transformers_order(models, temperature, top_k, top_p
     for n_generated in (2, 5):
         expected = chain(ids[:, :5 + n_generated], logits.clone())
         ours = process_logits(logits, seen_token_mask(ids[:, :5 + n_generated], mask[:, :5 + n_generated], V),
-                              n_generated, torch.tensor([2, 7]), min_new_tokens=min_new, do_sample=True,
-                              temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=penalty)
+                              n_generated, torch.tensor([2, 7]),
+                              GenerationOptions(min_new_tokens=min_new, do_sample=True, temperature=temperature,
+                                                top_k=top_k, top_p=top_p, repetition_penalty=penalty))
         assert torch.equal(ours, expected), n_generated
 
 
@@ -138,19 +138,19 @@ def test_seeded_sampling_matches_transformers(models, prompts, temperature, top_
                    repetition_penalty=penalty, min_new_tokens=min_new, pad_token_id=PAD)
     torch.manual_seed(1234)
     expected = hf.generate(**batch, **options)[:, batch["input_ids"].shape[1]:]
-    torch.testing.assert_close(generate(ours, **batch, **options, seed=1234), expected, rtol=0, atol=0)
+    torch.testing.assert_close(run(ours, batch, **options, seed=1234), expected, rtol=0, atol=0)
 
 
 def test_seed_repeats_and_top_k_1_is_greedy(models, prompts):
     _, ours = models
     prompt = prompts["one_audio"]
     options = dict(max_new_tokens=8, do_sample=True, temperature=0.7, top_k=100, pad_token_id=PAD)
-    first = generate(ours, **prompt, **options, seed=7)
-    assert torch.equal(generate(ours, **prompt, **options, seed=7), first)
-    assert not torch.equal(generate(ours, **prompt, **options, seed=8), first)
+    first = run(ours, prompt, **options, seed=7)
+    assert torch.equal(run(ours, prompt, **options, seed=7), first)
+    assert not torch.equal(run(ours, prompt, **options, seed=8), first)
     torch.manual_seed(3)  # seed=None draws from the global RNG
-    unseeded = generate(ours, **prompt, **options)
+    unseeded = run(ours, prompt, **options)
     torch.manual_seed(3)
-    assert torch.equal(generate(ours, **prompt, **options), unseeded)
-    greedy = generate(ours, **prompt, max_new_tokens=8, repetition_penalty=1.1, pad_token_id=PAD)
-    assert torch.equal(generate(ours, **prompt, **options | {"top_k": 1}, repetition_penalty=1.1, seed=7), greedy)
+    assert torch.equal(run(ours, prompt, **options), unseeded)
+    greedy = run(ours, prompt, max_new_tokens=8, repetition_penalty=1.1)
+    assert torch.equal(run(ours, prompt, **options | {"top_k": 1}, repetition_penalty=1.1, seed=7), greedy)

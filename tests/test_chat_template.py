@@ -5,7 +5,7 @@ import pytest
 from tokenizer_fixture import hf_processor, shared_tokenizer_folder
 
 from qwen2audio.errors import InputError
-from qwen2audio.prompt import BASE_CAPTION_PROMPT, Processor, apply_chat_template, base_prompt, conversation_audios
+from qwen2audio.processor import BASE_CAPTION_PROMPT, Processor, apply_chat_template, base_prompt, conversation_audios
 
 GLASS, COUGH = "glass-breaking.mp3", "throat_clearing.wav"
 QUESTION = {"type": "text", "text": "What's that sound?"}

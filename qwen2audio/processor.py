@@ -76,6 +76,20 @@ def apply_chat_template(conversation: Sequence[Message], add_generation_prompt: 
     return "".join(parts)
 
 
+def as_conversations(conversation: Sequence[Message] | Sequence[Sequence[Message]]) -> tuple[list, bool]:
+    """(a list of conversations, whether a batch was given): one conversation is a list of message dicts, a batch
+    is a list of such lists."""
+    if isinstance(conversation, (str, bytes)) or not isinstance(conversation, Sequence) or not conversation:
+        raise InputError("a conversation must be a non-empty list of messages like {'role': 'user', 'content': ...} "
+                         f"(or a list of such lists for a batch), got {conversation!r:.60}")
+    batched = isinstance(conversation[0], (list, tuple))
+    conversations = list(conversation) if batched else [conversation]
+    for c in conversations:
+        if not isinstance(c, (list, tuple)) or not c or not all(isinstance(m, dict) for m in c):
+            raise InputError(f"each message must be a dict like {{'role': 'user', 'content': ...}}, got {c!r:.60}")
+    return conversations, batched
+
+
 def conversation_audios(conversation: Sequence[Message]) -> list[str | Waveform]:
     """The clips of a conversation in prompt order: each audio item's "audio" value (path or waveform), else its
     "audio_url" (a path)."""
@@ -159,8 +173,7 @@ class Processor:
                             add_generation_prompt: bool = True, tokenize: bool = False) -> str | list[str] | dict:
         """The prompt text (a list for a list of conversations); tokenize=True returns `self(prompt, audio=clips)`
         (the clips must then be waveforms)."""
-        batched = len(conversation) > 0 and isinstance(conversation[0], (list, tuple))
-        conversations = conversation if batched else [conversation]
+        conversations, batched = as_conversations(conversation)
         prompts = [apply_chat_template(c, add_generation_prompt) for c in conversations]
         if not tokenize:
             return prompts if batched else prompts[0]
