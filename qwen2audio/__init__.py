@@ -5,10 +5,10 @@ from .config import AudioConfig, GenerationConfig, Qwen2AudioConfig, TextConfig
 from .errors import AudioError, ConfigError, InputError, Qwen2AudioError, WeightsError
 from .convert import convert, save
 from .model import Qwen2AudioForConditionalGeneration
-from .pipeline import Qwen2Audio, load
+from .pipeline import Qwen2Audio, load, load_model
 from .processor import Processor, apply_chat_template
 from .tokenizer import Tokenizer
 
 __all__ = ["AudioConfig", "AudioError", "ConfigError", "GenerationConfig", "InputError", "Processor", "Qwen2Audio",
            "Qwen2AudioConfig", "Qwen2AudioError", "Qwen2AudioForConditionalGeneration", "TextConfig", "Tokenizer",
-           "WeightsError", "apply_chat_template", "convert", "load", "load_audio", "save"]
+           "WeightsError", "apply_chat_template", "convert", "load", "load_audio", "load_model", "save"]

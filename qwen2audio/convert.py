@@ -28,12 +28,12 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from .checkpoint import INDEX_FILE, SINGLE_FILE, TensorEntry, checkpoint_shards, read_header, read_tensor
 from .config import Qwen2AudioConfig
 from .errors import WeightsError
 from .model import Qwen2AudioForConditionalGeneration
 from .quantize import Int8Linear, check_quantize, int8_module_names, quantize_weight
-from .weights import (INDEX_FILE, INT8_QUANT_METHOD, SINGLE_FILE, TensorEntry, checkpoint_shards, meta_model,
-                      parse_dtype, read_header, read_tensor)
+from .weights import CHANGED_MARKER, INT8_QUANT_METHOD, meta_model, parse_dtype, swap_in_int8
 
 INT8_CONFIG = {"quant_method": INT8_QUANT_METHOD, "bits": 8, "group": "per_output_channel",
                "modules": "decoder_linear"}
@@ -205,13 +205,29 @@ def convert(src: str | Path, dst: str | Path, dtype: str | torch.dtype | None = 
     return dst
 
 
+def architecture_changes(model: Qwen2AudioForConditionalGeneration, quantized: bool) -> list[str]:
+    """How the model's weights differ from those of the model its config describes: names added, missing, or of
+    another shape (empty for a model whose values alone were edited)."""
+    reference = meta_model(model.cfg)
+    if quantized:
+        swap_in_int8(reference)
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    return [f"added {k}" for k in ours if k not in expected] + [f"missing {k}" for k in expected if k not in ours] + \
+        [f"{k} is {ours[k]}, not {expected[k]}" for k in ours if k in expected and ours[k] != expected[k]]
+
+
 def save(model: Qwen2AudioForConditionalGeneration, dst: str | Path, max_shard_size: str | int = "2GB",
-         config: str | Path | None = None, dtype: str | torch.dtype | None = None, force: bool = False) -> Path:
+         config: str | Path | None = None, dtype: str | torch.dtype | None = None, force: bool = False,
+         allow_changed: bool = False) -> Path:
     """Write `model` (possibly edited, possibly int8-quantized) as a Hub-layout folder that transformers loads
     (unless quantized) and qwen2audio loads.
 
     config.json is derived from `model.cfg`, or, given `config` (a model folder, e.g. `pipeline.path`), taken from
     that folder together with its tokenizer, processor and generation files. `dtype` casts the floating tensors.
+    A model whose modules you changed (added, removed or reshaped weights) cannot be described by config.json, so
+    it is refused unless allow_changed=True: the folder then records the change, and `load()` tells whoever opens
+    it to build the changed model and load it with `load_model(path, model=...)`.
     """
     dst, limit = Path(dst), parse_size(max_shard_size)
     target = parse_dtype(dtype) or model.language_model.model.embed_tokens.weight.dtype
@@ -232,6 +248,15 @@ def save(model: Qwen2AudioForConditionalGeneration, dst: str | Path, max_shard_s
     raw.pop("quantization_config", None)
     if quantized:
         raw["quantization_config"] = INT8_CONFIG
+    changes = architecture_changes(model, quantized)
+    if changes and not allow_changed:
+        raise WeightsError(f"the model's weights are not those its config describes ({'; '.join(changes[:4])}"
+                           f"{'; ...' if len(changes) > 4 else ''}): neither qwen2audio.load() nor transformers could "
+                           "load the folder. Pass allow_changed=True to write it anyway, and load it with "
+                           "qwen2audio.load_model(path, model=YourModel(config))")
+    raw.pop(CHANGED_MARKER, None)
+    if changes:
+        raw[CHANGED_MARKER] = {"class": f"{type(model).__module__}.{type(model).__qualname__}", "changes": changes}
 
     state = model.state_dict()
     head = "language_model.lm_head.weight"

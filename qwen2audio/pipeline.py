@@ -22,7 +22,8 @@ from .model import Qwen2AudioForConditionalGeneration
 from .processor import Message, Processor, apply_chat_template, as_conversations, conversation_audios
 from .quantize import check_quantize
 from .tokenizer import Tokenizer
-from .weights import MODEL_FILES, load_weights
+from .checkpoint import MODEL_FILES
+from .weights import load_weights
 
 # Used when a checkpoint's generation_config.json names no eos: Instruct replies end with <|im_end|>.
 FALLBACK_EOS = (151645, 151643)
@@ -212,6 +213,24 @@ class Qwen2Audio:
         return self.stream_prompt(prompt, conversation_audios(conversation), long_audio, **options)
 
 
+def load_model(path: str | Path, model: torch.nn.Module | None = None, dtype: str | torch.dtype | None = None,
+               device: str | torch.device = "cpu", quantize: str | None = None, mmap: bool = False,
+               allow_missing: Sequence[str] = (), quiet: bool = False) -> torch.nn.Module:
+    """The model alone, a plain nn.Module that trains like any other (no tokenizer, no CPU kernels, no eval()).
+
+    model: a model you built yourself (your subclass of Qwen2AudioForConditionalGeneration, a module replaced, a
+    head added), best on the meta device (`with torch.device("meta"): model = MyModel(config)`) so that nothing is
+    allocated twice; every parameter name must be in the checkpoint, with the shape it has there, except those
+    matching an `allow_missing` pattern (fnmatch, e.g. "my_head.*"), which keep their values or, on the meta
+    device, are initialised by their module's reset_parameters(). Other arguments as for `load`.
+    """
+    check_quantize(quantize)
+    device = resolve_device(device)
+    folder = resolve_model_path(path, quiet=quiet)
+    return load_weights(folder, dtype=dtype, device=device, progress=not quiet, quantize=quantize, map_files=mmap,
+                        model=model, allow_missing=tuple(allow_missing))
+
+
 def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
          quantize: str | None = None, compile: bool = False, cpu_gemv: bool | None = None,
          quiet: bool = False, mmap: bool = False) -> Qwen2Audio:
@@ -225,12 +244,9 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
     are read into memory on huge pages (fastest decoding); mmap=True maps the files instead (load() returns at
     once, decoding is slower; see weights.load_weights).
     """
-    check_quantize(quantize)
     device = resolve_device(device)
     folder = resolve_model_path(path, quiet=quiet)
-    config = Qwen2AudioConfig.from_file(folder)
-    model = load_weights(folder, config, dtype=dtype, device=device, progress=not quiet, quantize=quantize,
-                         map_files=mmap)
+    model = load_model(folder, dtype=dtype, device=device, quantize=quantize, mmap=mmap, quiet=quiet)
     if cpu_gemv if cpu_gemv is not None else device.type == "cpu":
         use_cpu_gemv(model, verbose=not quiet)
     has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()

@@ -21,7 +21,7 @@ from qwen2audio.convert import convert, parse_size, save
 from qwen2audio.errors import InputError, WeightsError
 from qwen2audio.features import audio_token_count, extract_features
 from qwen2audio.quantize import Int8Linear, int8_module_names, quantize_int8
-from qwen2audio.weights import checkpoint_shards
+from qwen2audio.checkpoint import checkpoint_shards
 
 REPO = Path(__file__).resolve().parents[1]
 DOWN = "language_model.model.layers.0.mlp.down_proj.weight"
@@ -320,3 +320,28 @@ def test_cli(tiny_checkpoint, tmp_path):
     assert convert_weights.main([str(tiny_checkpoint), str(dst)]) == 1  # exists: one line, no traceback
     help_text = convert_weights.__doc__
     assert "NOT loadable by transformers" in help_text
+
+
+def test_saving_a_changed_model_is_refused_or_recorded(tiny_checkpoint, tmp_path):
+    """A model whose modules were changed (here a two-layer projector) cannot be described by config.json: save()
+    refuses it with a sentence, or with allow_changed=True writes it so that load() says how to open it and
+    load_model(path, model=...) opens it."""
+    def two_layer_projector(model):
+        d_audio, d_text = model.cfg.audio_config.d_model, model.cfg.text_config.hidden_size
+        model.multi_modal_projector = torch.nn.Sequential()
+        model.multi_modal_projector.add_module("linear", torch.nn.Linear(d_audio, d_text))
+        model.multi_modal_projector.add_module("linear2", torch.nn.Linear(d_text, d_text))
+        return model
+
+    changed = two_layer_projector(qwen2audio.load_model(tiny_checkpoint, quiet=True))
+    with pytest.raises(WeightsError, match="added multi_modal_projector.linear2.weight.*allow_changed=True"):
+        save(changed, tmp_path / "changed", config=tiny_checkpoint)
+    assert not (tmp_path / "changed").exists()
+    save(changed, tmp_path / "changed", config=tiny_checkpoint, allow_changed=True)
+    with pytest.raises(WeightsError, match="saved from a changed model.*load_model"):
+        qwen2audio.load(tmp_path / "changed", quiet=True)
+    config = qwen2audio.Qwen2AudioConfig.from_file(tmp_path / "changed")
+    with torch.device("meta"):
+        again = two_layer_projector(qwen2audio.Qwen2AudioForConditionalGeneration(config))
+    qwen2audio.load_model(tmp_path / "changed", model=again, quiet=True)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in changed.state_dict().items())

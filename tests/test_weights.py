@@ -125,7 +125,7 @@ def test_mmap_maps_large_tensors_copy_on_write(tiny_checkpoint, tmp_path):
 def test_large_tensors_go_to_huge_page_memory():
     import mmap
 
-    from qwen2audio.weights import HUGE_PAGE_MIN_BYTES, TensorEntry, empty_on_huge_pages
+    from qwen2audio.checkpoint import HUGE_PAGE_MIN_BYTES, TensorEntry, empty_on_huge_pages
 
     big = empty_on_huge_pages(TensorEntry(torch.bfloat16, (1024, 1024), 0, HUGE_PAGE_MIN_BYTES))
     small = empty_on_huge_pages(TensorEntry(torch.float32, (16,), 0, 64))
@@ -171,3 +171,91 @@ def test_load_holds_the_weights_once(decoder_heavy_checkpoint, dtype, quantize):
     print(f"{dtype} {quantize or ''}: weights {result['weights'] / 1e6:.0f} MB, peak RSS above baseline "
           f"{result['peak'] / 1e6:.0f} MB ({result['peak'] / result['weights']:.2f}x)")
     assert result["peak"] <= 1.15 * result["weights"]
+
+
+# -- a model you changed ---------------------------------------------------------------------------------------------
+
+class ScaledAttention(qwen2audio.decoder.Attention):
+    """A researcher's attention: the same parameters, its output scaled by a learnable (new) gate."""
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        self.gate = torch.nn.Linear(1, 1, bias=False)  # new: not in any checkpoint
+
+    def forward(self, x, *args, **kwargs):
+        return super().forward(x, *args, **kwargs) * self.gate.weight[0, 0]
+
+
+class GatedModel(qwen2audio.Qwen2AudioForConditionalGeneration):
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        for layer in self.language_model.model.layers:
+            layer.self_attn = ScaledAttention(cfg.text_config)
+
+
+def test_load_into_a_subclass_with_a_replaced_module(tiny_checkpoint):
+    config = qwen2audio.Qwen2AudioConfig.from_file(tiny_checkpoint)
+    with torch.device("meta"):
+        model = GatedModel(config)
+    with pytest.raises(WeightsError, match=r"missing keys: language_model.model.layers.0.self_attn.gate.weight"):
+        qwen2audio.load_model(tiny_checkpoint, model=model, quiet=True)
+    qwen2audio.load_model(tiny_checkpoint, model=model, allow_missing=["*.self_attn.gate.weight"], quiet=True)
+    assert not any(t.is_meta for t in model.state_dict().values())
+    on_disk = load_file(tiny_checkpoint / "model.safetensors")
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in on_disk.items())
+    with torch.no_grad():
+        for layer in model.language_model.model.layers:
+            layer.self_attn.gate.weight.fill_(1.0)  # gate 1: the original model
+        ids = torch.tensor([[100, 200, 300]])
+        torch.testing.assert_close(model(ids), qwen2audio.load_model(tiny_checkpoint, quiet=True)(ids), rtol=0, atol=0)
+
+
+def test_load_into_a_model_with_an_extra_head_built_on_cpu(tiny_checkpoint):
+    config = qwen2audio.Qwen2AudioConfig.from_file(tiny_checkpoint)
+    model = qwen2audio.Qwen2AudioForConditionalGeneration(config)
+    model.value_head = torch.nn.Linear(config.text_config.hidden_size, 1)
+    head = model.value_head.weight.detach().clone()
+    qwen2audio.load_model(tiny_checkpoint, model=model, allow_missing=["value_head.*"], quiet=True)
+    assert torch.equal(model.value_head.weight, head)  # built on a real device: kept as built
+    assert model.audio_tower.conv1.weight.requires_grad  # a plain, trainable module
+
+
+def test_a_checkpoint_key_the_model_lacks_is_named(tiny_checkpoint):
+    config = qwen2audio.Qwen2AudioConfig.from_file(tiny_checkpoint)
+    with torch.device("meta"):
+        model = qwen2audio.Qwen2AudioForConditionalGeneration(config)
+    del model.multi_modal_projector.linear.bias
+    model.multi_modal_projector.linear.register_parameter("bias", None)
+    with pytest.raises(WeightsError, match="unexpected keys: multi_modal_projector.linear.bias"):
+        qwen2audio.load_model(tiny_checkpoint, model=model, quiet=True)
+
+
+def test_loading_touches_nothing_outside_our_model(tiny_checkpoint):
+    """Building our model on the meta device skips its random init with a thread-local torch function mode: a
+    model built at the same time in another thread, and nn.init itself, are untouched."""
+    import threading
+
+    init = torch.nn.init.normal_
+    done = threading.Event()
+    seen = []
+
+    def build_elsewhere() -> None:
+        while not done.is_set():
+            torch.manual_seed(0)
+            layer = torch.nn.Embedding(64, 8)  # normal_ init: N(0, 1)
+            seen.append(float(layer.weight.detach().std()))
+
+    worker = threading.Thread(target=build_elsewhere)
+    worker.start()
+    try:
+        for _ in range(3):
+            model = qwen2audio.load(tiny_checkpoint, quiet=True).model
+    finally:
+        done.set()
+        worker.join()
+    assert torch.nn.init.normal_ is init and len(seen) > 0 and len(set(seen)) == 1 and 0.8 < seen[0] < 1.2
+    assert type(torch.nn.Linear(2, 2)) is torch.nn.Linear
+    plain = qwen2audio.load_model(tiny_checkpoint, quiet=True)
+    assert all(type(m) is torch.nn.Linear for n, m in plain.named_modules() if n.endswith(("_proj", "lm_head")))
+    assert model is not None
