@@ -34,6 +34,14 @@ class KVCache:
     def dtype(self) -> torch.dtype | None:
         return self.keys[0].dtype if self.keys else None
 
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A view of sequences start:stop: writing through it writes this cache (e.g. one request's prefill into
+        its row of a batch that a server decodes together)."""
+        view = KVCache.__new__(KVCache)
+        view.keys = [k[start:stop] for k in self.keys]
+        view.values = [v[start:stop] for v in self.values]
+        return view
+
     def layer(self, index: int) -> tuple[Tensor, Tensor]:
         """(keys, values) of one decoder layer, which its attention writes in place."""
         return self.keys[index], self.values[index]

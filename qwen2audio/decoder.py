@@ -39,8 +39,11 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, kv_heads, T, head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # keys are cached after RoPE
-        if kv is not None:  # write this step into the layer's cache slots, then attend over the whole cache
-            k, v = kv[0].index_copy_(2, input_pos, k), kv[1].index_copy_(2, input_pos, v)  # (B, kv_heads, S, hd)
+        if kv is not None:  # write this step at each row's cache slots input_pos (B, T), attend over the whole cache
+            rows = torch.arange(B, device=x.device)[:, None]  # (B, 1), broadcast against input_pos (B, T)
+            kv[0][rows, :, input_pos] = k.transpose(1, 2)  # indexed: (B, T, kv_heads, head_dim)
+            kv[1][rows, :, input_pos] = v.transpose(1, 2)
+            k, v = kv  # (B, kv_heads, max_seq_len, head_dim)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                              scale=self.head_dim ** -0.5,
                                              enable_gqa=self.n_kv_heads != self.n_heads)
@@ -83,7 +86,7 @@ class Qwen2Model(nn.Module):
     def forward(self, x: Tensor, positions: Tensor, mask: Tensor | None, cache: KVCache | None = None,
                 input_pos: Tensor | None = None) -> Tensor:
         """x (B, T, hidden) embeddings; positions (B, T) RoPE positions; mask (B, 1, T, S) bool or None (causal);
-        with a cache, input_pos (T,) are the cache slots the T new tokens are written to."""
+        with a cache, input_pos (B, T) are the cache slots each row writes its T new tokens to."""
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)  # fp32 (B, T, head_dim)
         cos, sin = cos.to(x.dtype)[:, None], sin.to(x.dtype)[:, None]  # (B, 1, T, head_dim), activation dtype
         for i, layer in enumerate(self.layers):

@@ -168,7 +168,7 @@ def prefill(model: Qwen2AudioForConditionalGeneration, input_ids: Tensor, slot_m
     """
     T = input_ids.shape[1]
     x = model.embed(input_ids, input_features, feature_attention_mask)  # (B, T, hidden)
-    input_pos = torch.arange(T, device=x.device)
+    input_pos = torch.arange(T, device=x.device).expand(x.shape[0], T)  # (B, T): every row from slot 0
     mask = causal_padding_mask(slot_mask, input_pos, slot_mask.shape[1])  # (B, 1, T, max_seq_len)
     positions = positions_from_mask(slot_mask[:, :T])
     return model.forward_cached(x, positions, cache, input_pos, mask)[:, -1].float()
@@ -176,7 +176,7 @@ def prefill(model: Qwen2AudioForConditionalGeneration, input_ids: Tensor, slot_m
 
 def decode_step(model: Qwen2AudioForConditionalGeneration, token_ids: Tensor, positions: Tensor, cache: KVCache,
                 input_pos: Tensor, mask: Tensor) -> Tensor:
-    """token_ids (B, 1) at RoPE positions (B, 1), written to cache slot input_pos (1,), mask (B, 1, 1, max_seq_len)
+    """token_ids (B, 1) at RoPE positions (B, 1), written to cache slots input_pos (B, 1), mask (B, 1, 1, max_seq_len)
     -> next-token logits (B, V) in fp32. Shapes never change between steps, so this can be torch.compile'd."""
     x = model.language_model.model.embed_tokens(token_ids).to(model.dtype)  # (B, 1, hidden)
     return model.forward_cached(x, positions, cache, input_pos, mask)[:, -1].float()
@@ -241,7 +241,7 @@ def generate_stream(model: Qwen2AudioForConditionalGeneration, input_ids: Tensor
             live &= ~torch.isin(token, eos_ids)
         if step + 1 == o.max_new_tokens or not bool(live.any()):
             break
-        input_pos = torch.tensor([T + step], device=device)
+        input_pos = torch.full((B, 1), T + step, device=device)
         mask = causal_padding_mask(slot_mask, input_pos, S)  # (B, 1, 1, S)
         logits = (decode_fn or decode_step)(model, token[:, None], next_position + step, cache, input_pos, mask)
 

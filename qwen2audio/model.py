@@ -16,18 +16,20 @@ from .features import encoder_lengths
 
 
 def causal_padding_mask(attention_mask: Tensor, query_slots: Tensor, n_keys: int) -> Tensor:
-    """(B, 1, T, n_keys) bool "may attend" mask for queries at cache slots query_slots (T,).
+    """(B, 1, T, n_keys) bool "may attend" mask for queries at cache slots query_slots ((B, T), or (T,) shared).
 
-    attention_mask (B, >= n_keys or fewer) marks real tokens (1) and left padding (0) by slot. Padded query rows
-    would see no key at all; they attend to their own slot instead so that no row of SDPA is empty (their outputs
-    are never used).
+    attention_mask (B, >= n_keys or fewer) marks real tokens (1) and padding (0) by slot. Padded query rows would
+    see no key at all; they attend to their own slot instead so that no row of SDPA is empty (their outputs are
+    never used).
     """
+    B = attention_mask.shape[0]
+    slots = query_slots.expand(B, -1)[:, :, None]  # (B, T, 1)
     keys = torch.arange(n_keys, device=query_slots.device)
-    valid = torch.zeros(attention_mask.shape[0], n_keys, dtype=torch.bool, device=query_slots.device)
+    valid = torch.zeros(B, n_keys, dtype=torch.bool, device=query_slots.device)
     n = min(n_keys, attention_mask.shape[1])
     valid[:, :n] = attention_mask[:, :n].bool()
-    mask = (keys[None, :] <= query_slots[:, None])[None] & valid[:, None, :]  # (B, T, n_keys)
-    mask |= (keys[None, :] == query_slots[:, None])[None]  # parity: pad rows differ from the reference's (unused)
+    mask = (keys <= slots) & valid[:, None, :]  # (B, T, n_keys)
+    mask |= keys == slots  # parity: pad rows differ from the reference's (unused)
     return mask[:, None]
 
 
@@ -129,8 +131,8 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
                        last_only: bool = True) -> Tensor:
         """One incremental step through a static cache (made by new_cache).
 
-        x (B, T, hidden) embeddings of new tokens, positions (B, T) RoPE positions, input_pos (T,) the cache slots
-        they are written to, mask (B, 1, T, max_seq_len). Returns logits (B, 1, vocab) of the last position, or
+        x (B, T, hidden) embeddings of new tokens, positions (B, T) RoPE positions, input_pos (B, T) the cache slots
+        each row writes them to (rows may be at different slots), mask (B, 1, T, max_seq_len). Returns logits (B, 1, vocab) of the last position, or
         (B, T, vocab).
         """
         h = self.language_model.model(x, positions, mask, cache, input_pos)

@@ -192,3 +192,31 @@ def test_right_padding_is_refused(models):
     _, ours = models
     with pytest.raises(InputError, match="left padding"):
         run(ours, {"input_ids": torch.tensor([[100, 200, PAD]]), "attention_mask": torch.tensor([[1, 1, 0]])})
+
+
+def test_rows_at_different_cache_slots_decode_as_if_alone(models, prompts):
+    """Each row writes at its own slots: two prompts of different lengths prefilled into rows of one cache, then
+    decoded in one batch step, give exactly the logits each gives alone (what a server batching requests needs)."""
+    from qwen2audio.model import causal_padding_mask
+
+    _, ours = models
+    singles = []
+    for name in ("one_audio", "two_audios"):
+        p = prompts[name]
+        singles.append({k: v for k, v in p.items() if k != "attention_mask"})
+    cache, S = ours.new_cache(2, 400), 400
+    lengths = [s["input_ids"].shape[1] for s in singles]
+    slot_mask = torch.zeros(2, S, dtype=torch.bool)
+    with torch.no_grad():
+        for row, (single, T) in enumerate(zip(singles, lengths)):
+            slot_mask[row, :T + 1] = True
+            alone = torch.ones(1, S, dtype=torch.bool)
+            gen.prefill(ours, single["input_ids"], alone, cache.rows(row, row + 1), single["input_features"],
+                        single["feature_attention_mask"])
+        tokens = torch.tensor([[1234], [4321]])
+        input_pos = torch.tensor([[lengths[0]], [lengths[1]]])
+        batch = gen.decode_step(ours, tokens, input_pos, cache, input_pos, causal_padding_mask(slot_mask, input_pos, S))
+        for row, (single, T) in enumerate(zip(singles, lengths)):
+            ids = torch.cat([single["input_ids"], tokens[row:row + 1]], dim=1)
+            full = ours(ids, None, single["input_features"], single["feature_attention_mask"])[:, -1]
+            torch.testing.assert_close(batch[row:row + 1], full, rtol=0, atol=1e-5)

@@ -99,7 +99,7 @@ def test_int8_agrees_with_bf16_while_decoding(tiny_checkpoint):
         stepped = [prefill(int8, ids[:, :start], slots, cache, feats, mask).argmax(-1)]
         for t in range(start, T - 1):
             pos = torch.tensor([t])
-            logits = decode_step(int8, ids[:, t:t + 1], pos[None], cache, pos, causal_padding_mask(slots, pos, T))
+            logits = decode_step(int8, ids[:, t:t + 1], pos[None], cache, pos[None], causal_padding_mask(slots, pos, T))
             stepped.append(logits.argmax(-1))
     stepped = torch.cat(stepped)  # predictions for positions start - 1 .. T - 2
     prefill_agreement = (whole == expected).float().mean().item()
