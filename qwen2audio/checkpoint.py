@@ -11,13 +11,16 @@ import json
 import math
 import mmap
 import os
+import stat
 import struct
+import threading
+import weakref
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 import torch
 
-from .errors import WeightsError
+from .errors import Qwen2AudioError, WeightsError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -55,21 +58,40 @@ def parse_json(raw: bytes, what: str) -> object:
         raise ValueError(f"{what} is not valid JSON ({reason})") from None
 
 
-def read_json_file(path: Path, what: str = "") -> object:
-    """A JSON file of a model folder: a regular file of at most MAX_JSON_BYTES, UTF-8, valid JSON."""
+def open_regular(path: Path) -> BinaryIO:
+    """Open a file for reading only if it is a regular file: opened without blocking and checked after opening
+    (fstat), so a FIFO, a device or a folder in its place is a ValueError instead of a read that never ends."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError(f"{path} is not a regular file")
+    return os.fdopen(fd, "rb")
+
+
+def read_regular_file(path: Path, what: str = "", limit: int = MAX_JSON_BYTES,
+                      error: type[Qwen2AudioError] = WeightsError) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes; anything else (missing, unreadable, not a regular file,
+    too large) is `error` with a sentence naming the file."""
     what = what or path.name
     try:
-        if not path.is_file():
-            raise ValueError(f"{path} is not a regular file")
-        with open(path, "rb") as f:
-            raw = f.read(MAX_JSON_BYTES + 1)
-        if len(raw) > MAX_JSON_BYTES:
-            raise ValueError(f"{path} is larger than {MAX_JSON_BYTES >> 20} MB")
-        return parse_json(raw, str(path))
+        with open_regular(path) as f:
+            raw = f.read(limit + 1)
     except OSError as e:
-        raise WeightsError(f"cannot read {what} ({path}): {e.strerror or e}") from None
+        raise error(f"cannot read {what} ({path}): {e.strerror or e}") from None
     except ValueError as e:
-        raise WeightsError(str(e)) from None
+        raise error(f"cannot read {what}: {e}") from None
+    if len(raw) > limit:
+        raise error(f"{path} is larger than {limit >> 20} MB; it cannot be the {what} of a model folder")
+    return raw
+
+
+def read_json_file(path: Path, what: str = "", error: type[Qwen2AudioError] = WeightsError) -> object:
+    """A JSON file of a model folder: a regular file of at most MAX_JSON_BYTES, UTF-8, valid JSON."""
+    raw = read_regular_file(path, what, MAX_JSON_BYTES, error)
+    try:
+        return parse_json(raw, str(path))
+    except ValueError as e:
+        raise error(str(e)) from None
 
 
 def _entry(key: str, info: object, base: int) -> TensorEntry:
@@ -77,7 +99,8 @@ def _entry(key: str, info: object, base: int) -> TensorEntry:
     def ints(value: object, n: int | None) -> bool:
         return isinstance(value, list) and (n is None or len(value) == n) and \
             all(type(v) is int and v >= 0 for v in value)
-    if not isinstance(info, dict) or info.get("dtype") not in DTYPES or not ints(info.get("shape"), None) or \
+    if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) or info["dtype"] not in DTYPES or \
+            not ints(info.get("shape"), None) or \
             not ints(info.get("data_offsets"), 2) or info["data_offsets"][0] > info["data_offsets"][1]:
         raise ValueError(f"tensor {key!r} has a malformed entry (dtype, shape, data_offsets)")
     dtype, shape = DTYPES[info["dtype"]], tuple(info["shape"])
@@ -91,8 +114,8 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
     """The tensor table of a .safetensors file, checked against the file: every tensor inside it, no two sharing
     bytes."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
             if not 2 <= length <= min(size - 8, MAX_HEADER_BYTES):
@@ -113,13 +136,23 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
         raise WeightsError(f"cannot read {path}: {reason}; the file may be truncated or corrupt") from None
 
 
+def _plain_file_name(name: object) -> bool:
+    """A name of a file in a folder: no separator, not . or .., no NUL, at most 255 bytes in the file system's
+    encoding (a longer one, or one it cannot encode, makes every file call fail)."""
+    if not isinstance(name, str) or not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+        return False
+    try:
+        return len(os.fsencode(name)) <= 255 and not Path(name).is_absolute()
+    except UnicodeError:
+        return False
+
+
 def shard_path(folder: Path, name: object) -> Path:
     """A shard named by the index: a plain file name in the folder, never a path that leads out of it.
 
     A symlink in the folder is followed wherever it points (the Hugging Face cache keeps every file as a symlink
     into its blobs folder): the folder's owner made it, while an index can only name files."""
-    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or \
-            "\0" in name or Path(name).is_absolute():
+    if not _plain_file_name(name):
         raise WeightsError(f"{folder / INDEX_FILE} names the shard {name!r:.80}, which is not a plain file name in "
                            "the model folder; a shard must be a file beside the index")
     return folder / name
@@ -136,13 +169,13 @@ def checkpoint_shards(folder: Path) -> dict[Path, list[str]]:
         shards: dict[Path, list[str]] = {}
         for key, name in weight_map.items():
             shards.setdefault(shard_path(folder, name), []).append(key)
-        missing = [p.name for p in shards if not p.is_file()]
+        missing = [p.name for p in shards if not p.exists()]
         if missing:
             raise WeightsError(f"{folder} is missing shard(s) {', '.join(sorted(missing))} listed in {INDEX_FILE}; "
                                "download the complete checkpoint")
         return shards
     single = folder / SINGLE_FILE
-    if single.is_file():
+    if single.exists():  # read_header refuses what is not a regular file
         return {single: list(read_header(single))}
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
         raise WeightsError(f"{folder} holds only pickle checkpoints (.bin/.pt), which qwen2audio never loads; "
@@ -200,15 +233,53 @@ def read_tensor(f: BinaryIO, entry: TensorEntry, path: Path) -> torch.Tensor:
     return out
 
 
+class MappedFile:
+    """A file mapped by map_file, as it was when mapped: its size and modification time, read again through a file
+    descriptor of the same file (the same inode even if the path is replaced) to tell whether it changed."""
+
+    def __init__(self, path: Path, fd: int, mapping: mmap.mmap) -> None:
+        st = os.fstat(fd)
+        self.path, self.fd, self.size, self.mtime_ns = path, fd, st.st_size, st.st_mtime_ns
+        self.start = torch.frombuffer(mapping, dtype=torch.uint8, count=1).data_ptr()  # the mapping's addresses
+        self.end = self.start + len(mapping)
+        weakref.finalize(self, os.close, fd)
+
+    def check(self) -> None:
+        """A WeightsError if the file shrank (reading a page past its new end kills the process with SIGBUS) or was
+        written since it was mapped (pages not yet read would hold the new bytes)."""
+        st = os.fstat(self.fd)
+        if st.st_size < self.size or st.st_mtime_ns != self.mtime_ns:
+            change = f"was truncated ({self.size} -> {st.st_size} bytes)" if st.st_size < self.size else "was written"
+            raise WeightsError(f"{self.path} {change} after the model mapped it (load(mmap=True)); reading its "
+                               "weights now could crash the process (SIGBUS) or use other values: load the model "
+                               "again, and do not change weight files while a model maps them")
+
+
+_MAPPED: "weakref.WeakKeyDictionary[mmap.mmap, MappedFile]" = weakref.WeakKeyDictionary()  # live mappings
+_MAPPED_LOCK = threading.Lock()
+
+
 def map_file(path: Path) -> mmap.mmap:
     """The whole file mapped copy-on-write (load(mmap=True)): reads come from the page cache when first touched,
     writes stay in this process. The file must not shrink while mapped: reading a page past its new end is
-    SIGBUS (see the README's reliability section)."""
+    SIGBUS; `mapped_files` and MappedFile.check tell whether it did (see the README's reliability section)."""
     try:
-        with open(path, "rb") as f:
-            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        with open_regular(path) as f:
+            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            record = MappedFile(path, os.dup(f.fileno()), mapping)
+        with _MAPPED_LOCK:
+            _MAPPED[mapping] = record
+        return mapping
     except (OSError, ValueError) as e:
         raise WeightsError(f"cannot map {path}: {e}") from None
+
+
+def mapped_files(tensors: list[torch.Tensor]) -> list[MappedFile]:
+    """The mapped files that hold the data of any of these tensors (none unless loaded with mmap=True)."""
+    with _MAPPED_LOCK:
+        files = list(_MAPPED.values())
+    pointers = [t.data_ptr() for t in tensors if t.device.type == "cpu"]
+    return [m for m in files if any(m.start <= p < m.end for p in pointers)]
 
 
 def mapped_tensor(mapping: mmap.mmap, entry: TensorEntry) -> torch.Tensor | None:
