@@ -6,15 +6,14 @@ mapping, BPE, no BOS. Added tokens (`<|im_start|>`, `<|AUDIO|>`, ...) come from 
 `added_tokens_decoder`, at the ids it declares.
 """
 
-import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _BackendTokenizer
-from tokenizers.models import BPE
 
 from .errors import ConfigError
+from .tokenizer_files import add_declared_tokens, read_backend, read_tokenizer_config, special_token_string
 
 # Qwen2's pre-tokenizer split (transformers' PRETOKENIZE_REGEX): contractions, letter runs with one optional leading
 # non-letter, single digits (numbers are split digit by digit), punctuation runs, newlines, other whitespace.
@@ -24,6 +23,7 @@ SPLIT_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| 
 ENDOFTEXT = "<|endoftext|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 AUDIO, AUDIO_BOS, AUDIO_EOS = "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"
+REQUIRED_TOKENS = (ENDOFTEXT, IM_START, IM_END, AUDIO, AUDIO_BOS, AUDIO_EOS)  # the prompt format's tags
 REPLACEMENT_CHAR = "\ufffd"  # what a byte-level decode shows for an incomplete UTF-8 sequence
 
 
@@ -42,60 +42,56 @@ def _set_qwen2_pipeline(tok: _BackendTokenizer) -> _BackendTokenizer:
     return tok
 
 
-def _bpe_from_vocab_files(folder: Path) -> _BackendTokenizer:
-    """The tokenizer.json model rebuilt from vocab.json + merges.txt."""
-    tok = _BackendTokenizer(BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"),
-                                          continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False,
-                                          byte_fallback=False))
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)  # as in tokenizer.json: adds no tokens, no BOS
-    return tok
-
-
-def _token_string(value: str | dict | None) -> str | None:
-    """tokenizer_config.json writes a special token as a string or as an AddedToken dict with "content"."""
-    return value.get("content") if isinstance(value, dict) else value
-
-
 class Tokenizer:
     """Text <-> token ids for Qwen2-Audio. Special tokens written inside the text are recognised as such."""
 
     def __init__(self, backend: _BackendTokenizer, eos_token: str | None = ENDOFTEXT,
-                 pad_token: str | None = ENDOFTEXT) -> None:
+                 pad_token: str | None = ENDOFTEXT, source: Path | None = None) -> None:
         self.backend = backend
         self.eos_token, self.pad_token = eos_token, pad_token
+        self.source = source  # the folder it was read from, named in errors
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "Tokenizer":
-        """Load from a checkpoint folder: tokenizer.json if present, else vocab.json + merges.txt."""
+        """Load from a checkpoint folder: tokenizer.json if present, else vocab.json + merges.txt; the files are
+        checked (tokenizer_files.py), and so are the special tokens a Qwen2-Audio prompt needs."""
         folder = Path(folder)
-        config_file = folder / "tokenizer_config.json"
-        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
-        if (folder / "tokenizer.json").exists():
-            backend = _BackendTokenizer.from_file(str(folder / "tokenizer.json"))
-        elif (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
-            backend = _bpe_from_vocab_files(folder)
-        else:
-            raise ConfigError(f"{folder} has no tokenizer: expected tokenizer.json, or vocab.json and merges.txt "
-                              "(copy them from the Hugging Face repo of the model)")
-        _set_qwen2_pipeline(backend)
-        # Declared added tokens, in id order so that each new one lands on the next free id, as declared.
-        declared = sorted(config.get("added_tokens_decoder", {}).items(), key=lambda kv: int(kv[0]))
-        for token_id, spec in declared:
-            if backend.token_to_id(spec["content"]) is None:
-                backend.add_tokens([AddedToken(spec["content"], single_word=spec.get("single_word", False),
-                                               lstrip=spec.get("lstrip", False), rstrip=spec.get("rstrip", False),
-                                               normalized=spec.get("normalized", False),
-                                               special=spec.get("special", True))])
-            if backend.token_to_id(spec["content"]) != int(token_id):
-                raise ConfigError(f"{config_file}: added token {spec['content']!r} is declared with id {token_id} "
-                                  f"but the vocabulary gives it id {backend.token_to_id(spec['content'])}")
+        config = read_tokenizer_config(folder)
+        backend = _set_qwen2_pipeline(read_backend(folder))
+        add_declared_tokens(backend, config, folder / "tokenizer_config.json")
         # Qwen2Tokenizer's defaults when tokenizer_config.json does not name them; an explicit null stays None.
-        eos = _token_string(config.get("eos_token", ENDOFTEXT))
-        pad = _token_string(config.get("pad_token", ENDOFTEXT))
+        eos = special_token_string(config, "eos_token", ENDOFTEXT, folder)
+        pad = special_token_string(config, "pad_token", ENDOFTEXT, folder)
         for token in (eos, pad):  # transformers registers them as special tokens if the files did not
             if token is not None and backend.token_to_id(token) is None:
                 backend.add_special_tokens([AddedToken(token, special=True, normalized=False)])
-        return cls(backend, eos_token=eos, pad_token=pad)
+        tokenizer = cls(backend, eos_token=eos, pad_token=pad, source=folder)
+        tokenizer.check_special_tokens()
+        return tokenizer
+
+    def check_special_tokens(self) -> None:
+        """Each tag of the prompt format must encode to its one id: a tokenizer that lacks one, or holds it as
+        ordinary text, would cut `<|AUDIO|>` into pieces and the model would answer nonsense."""
+        for token in REQUIRED_TOKENS:
+            token_id, ids = self.backend.token_to_id(token), self.backend.encode(token, add_special_tokens=False).ids
+            if token_id is None or ids != [token_id]:
+                raise ConfigError(f"the tokenizer in {self.source} does not hold {token} as one token (it encodes "
+                                  f"as {len(ids)} tokens of text); a Qwen2-Audio tokenizer declares it in "
+                                  "tokenizer_config.json's added_tokens_decoder: copy the tokenizer files of the "
+                                  "model's Hub repo")
+
+    def check_model(self, vocab_size: int, audio_token_index: int, config_file: Path | str) -> None:
+        """The model must have an embedding row for every id this tokenizer produces and read audio at the id of
+        <|AUDIO|>; a ConfigError naming both files otherwise."""
+        top = max(self.backend.get_vocab(with_added_tokens=True).values())
+        if top >= vocab_size:
+            raise ConfigError(f"the tokenizer in {self.source} has token ids up to {top}, but {config_file} "
+                              f"declares text_config.vocab_size {vocab_size}: the model has no embedding for them; "
+                              "the tokenizer and the weights are not from one model")
+        if self.audio_token_id != audio_token_index:
+            raise ConfigError(f"{config_file} declares audio_token_index {audio_token_index}, but the tokenizer in "
+                              f"{self.source} gives {AUDIO} the id {self.audio_token_id}; the tokenizer and the "
+                              "config are not from one model")
 
     # --- ids -------------------------------------------------------------------------------------------------------
     def token_to_id(self, token: str) -> int | None:
