@@ -86,10 +86,11 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
     def check_ids(self, input_ids: Tensor) -> Tensor:
         """input_ids as given, after checking they are a (batch, length) integer tensor of ids in the vocabulary."""
         if not isinstance(input_ids, Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point() or \
-                input_ids.is_complex() or input_ids.dtype == torch.bool or input_ids.numel() == 0:
-            what = f"{input_ids.dtype} tensor of shape {tuple(input_ids.shape)}" if isinstance(input_ids, Tensor) \
-                else type(input_ids).__name__
-            raise InputError(f"input_ids must be a non-empty (batch, length) tensor of integer token ids, got {what}")
+                input_ids.is_complex() or input_ids.dtype == torch.bool or input_ids.numel() == 0 or input_ids.is_meta:
+            what = f"{input_ids.dtype} tensor of shape {tuple(input_ids.shape)} on {input_ids.device}" \
+                if isinstance(input_ids, Tensor) else type(input_ids).__name__
+            raise InputError(f"input_ids must be a non-empty (batch, length) tensor of integer token ids, got {what}"
+                             + ("; make one with torch.tensor(ids)" if isinstance(input_ids, (list, tuple)) else ""))
         vocab = self.cfg.text_config.vocab_size
         low, high = int(input_ids.min()), int(input_ids.max())
         if low < 0 or high >= vocab:

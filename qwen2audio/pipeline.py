@@ -14,16 +14,20 @@ import torch
 from torch import Tensor
 
 from .cache import KVCache
+from .checkpoint import mapped_files
 from .config import GenerationConfig, Qwen2AudioConfig
 from .errors import InputError, WeightsError
 from .generate import GenerationOptions, decode_step, generate_stream
 from .kernels.cpu import use_cpu_gemv
+from .memory import check_cache_fits, check_model_fits
 from .model import Qwen2AudioForConditionalGeneration
+from .pipeline_checks import (check_audio_list, check_generate_inputs, check_load_args, check_loaded,
+                              check_single)
 from .processor import Message, Processor, apply_chat_template, as_conversations, conversation_audios
 from .quantize import check_quantize
 from .tokenizer import Tokenizer
 from .checkpoint import MODEL_FILES
-from .weights import load_weights
+from .weights import is_int8_checkpoint, load_weights, parse_dtype
 
 # Used when a checkpoint's generation_config.json names no eos: Instruct replies end with <|im_end|>.
 FALLBACK_EOS = (151645, 151643)
@@ -89,6 +93,8 @@ class Qwen2Audio:
         self.last_stats: dict[str, float] | None = None  # timings of the last generation that finished
         self._idle_caches: list[KVCache] = []  # caches no generation holds now, reused by the next ones
         self._lock = threading.Lock()  # guards the pool only; generations run concurrently
+        self._mapped = mapped_files(list(model.state_dict().values()))  # mmap=True: checked before each generation
+        check_loaded(self)
 
     @property
     def device(self) -> torch.device:
@@ -104,8 +110,9 @@ class Qwen2Audio:
         """GenerationOptions: the overrides given (None means "the default") over generation_config.json over
         transformers' defaults. Stop ids outside the vocabulary (the fallback ids, for a small model) are dropped."""
         g, vocab = self.generation_config, self.config.vocab_size
-        eos = tuple(i for i in (g.eos_token_id or FALLBACK_EOS) if i < vocab)
-        pad = g.pad_token_id if g.pad_token_id is not None and g.pad_token_id < vocab else (eos[0] if eos else 0)
+        # The fallback ids are dropped where the vocabulary is smaller; the file's own are checked at load.
+        eos = g.eos_token_id or tuple(i for i in FALLBACK_EOS if i < vocab)
+        pad = g.pad_token_id if g.pad_token_id is not None else (eos[0] if eos else 0)
         defaults = GenerationOptions(max_new_tokens=g.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, do_sample=g.do_sample,
                                      temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
                                      repetition_penalty=g.repetition_penalty, eos_token_ids=eos, pad_token_id=pad)
@@ -125,6 +132,7 @@ class Qwen2Audio:
                 if cache.batch_size == batch_size and cache.max_seq_len >= length:
                     self._idle_caches.remove(cache)
                     return cache
+        check_cache_fits(self.config, batch_size, length, self.model.dtype, self.device)
         return self.model.new_cache(batch_size, length)
 
     def _give_back(self, cache: KVCache) -> None:
@@ -137,6 +145,9 @@ class Qwen2Audio:
         """Yield (tokens (B,), live (B,)) per step, as `generate.generate_stream`; records timings in
         `last_stats`."""
         options = options or self.options()
+        check_generate_inputs(self.model, input_ids, input_features, feature_attention_mask)
+        for mapped in self._mapped:
+            mapped.check()
         cache = self._take_cache(*input_ids.shape[:1], input_ids.shape[-1] + options.max_new_tokens)
         start, first, steps = time.perf_counter(), 0.0, 0
         for step in generate_stream(self.model, input_ids, attention_mask, input_features, feature_attention_mask,
@@ -166,8 +177,9 @@ class Qwen2Audio:
         from .audio import load_audio
 
         # Arrays and tensors in conversations are taken to be 16 kHz; files are decoded and resampled.
-        clips = [load_audio(a, None if isinstance(a, (str, Path, bytes)) else 16000) for a in (audio or [])]
-        return self._require_processor()(prompts, audio=clips or None, long_audio=long_audio)
+        clips = [load_audio(a, None if isinstance(a, (str, Path, bytes)) else 16000) for a in check_audio_list(audio)]
+        return self._require_processor()(prompts, audio=clips or None, long_audio=long_audio,
+                                         max_tokens=self.config.text_config.max_position_embeddings)
 
     def _token_rows(self, batch: dict[str, Tensor], options: dict) -> Iterator[list[int | None]]:
         """Yield, per step, each row's new token id (None once the row has stopped)."""
@@ -208,7 +220,7 @@ class Qwen2Audio:
 
     def stream(self, conversation: Sequence[Message], long_audio: str = "truncate", **options) -> Iterator[str]:
         """The assistant's reply to one conversation, as text pieces while it is generated."""
-        (conversation,), _ = as_conversations(conversation)
+        conversation = check_single(*as_conversations(conversation))
         prompt = apply_chat_template(conversation, add_generation_prompt=True)
         return self.stream_prompt(prompt, conversation_audios(conversation), long_audio, **options)
 
@@ -224,11 +236,16 @@ def load_model(path: str | Path, model: torch.nn.Module | None = None, dtype: st
     matching an `allow_missing` pattern (fnmatch, e.g. "my_head.*"), which keep their values or, on the meta
     device, are initialised by their module's reset_parameters(). Other arguments as for `load`.
     """
+    check_load_args(path, dtype, allow_missing, mmap=mmap, quiet=quiet)
     check_quantize(quantize)
     device = resolve_device(device)
     folder = resolve_model_path(path, quiet=quiet)
-    return load_weights(folder, dtype=dtype, device=device, progress=not quiet, quantize=quantize, map_files=mmap,
-                        model=model, allow_missing=tuple(allow_missing))
+    config = Qwen2AudioConfig.from_file(folder)
+    if not (mmap and device.type == "cpu" and dtype is None and quantize is None):  # mapped pages can be evicted
+        check_model_fits(config, parse_dtype(dtype), device, quantize == "int8" or is_int8_checkpoint(folder, False),
+                         folder / "config.json")
+    return load_weights(folder, config=config, dtype=dtype, device=device, progress=not quiet, quantize=quantize,
+                        map_files=mmap, model=model, allow_missing=tuple(allow_missing))
 
 
 def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
@@ -244,6 +261,7 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
     are read into memory on huge pages (fastest decoding); mmap=True maps the files instead (load() returns at
     once, decoding is slower; see weights.load_weights).
     """
+    check_load_args(path, dtype, compile=compile, cpu_gemv=cpu_gemv, quiet=quiet, mmap=mmap)
     device = resolve_device(device)
     folder = resolve_model_path(path, quiet=quiet)
     model = load_model(folder, dtype=dtype, device=device, quantize=quantize, mmap=mmap, quiet=quiet)

@@ -5,7 +5,6 @@ A prompt holds one `<|AUDIO|>` per clip. The processor turns each clip into log-
 tokenizes; the model later writes the audio embeddings into exactly those positions.
 """
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,17 +12,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .checkpoint import read_json_file
 from .errors import ConfigError, InputError
-from .features import N_MELS, SAMPLE_RATE, audio_token_count, extract_features
-from .tokenizer import AUDIO, AUDIO_BOS, AUDIO_EOS, IM_END, IM_START, Tokenizer
+from .features import CHUNK_LENGTH, HOP_LENGTH, N_FFT, N_FRAMES, N_MELS, N_SAMPLES, SAMPLE_RATE, audio_token_count
+from .processor_inputs import AUDIO_PLACEHOLDER, Waveform, check_audio_fits, check_call, windows_features
+from .tokenizer import AUDIO, IM_END, IM_START, Tokenizer
 
 Message = dict  # {"role": str, "content": str | list[dict]}; see `apply_chat_template`
-Waveform = np.ndarray | Tensor  # mono, 16 kHz, 1-D
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-AUDIO_PLACEHOLDER = f"{AUDIO_BOS}{AUDIO}{AUDIO_EOS}"  # one clip, before expansion
 BASE_CAPTION_PROMPT = f"{AUDIO_PLACEHOLDER}Generate the caption in English:"
 _AUDIO_SOURCE_KEYS = ("audio", "audio_url", "url", "path")  # where an audio item keeps its clip, first found wins
+# preprocessor_config.json values features.py is built for; a checkpoint declaring others needs another frontend.
+PREPROCESSOR_VALUES = {"feature_size": N_MELS, "sampling_rate": SAMPLE_RATE, "hop_length": HOP_LENGTH,
+                       "n_fft": N_FFT, "chunk_length": CHUNK_LENGTH, "n_samples": N_SAMPLES, "nb_max_frames": N_FRAMES}
 
 
 def base_prompt(text: str = "Generate the caption in English:", num_audios: int = 1) -> str:
@@ -87,6 +89,10 @@ def as_conversations(conversation: Sequence[Message] | Sequence[Sequence[Message
     for c in conversations:
         if not isinstance(c, (list, tuple)) or not c or not all(isinstance(m, dict) for m in c):
             raise InputError(f"each message must be a dict like {{'role': 'user', 'content': ...}}, got {c!r:.60}")
+        for m in c:
+            if not isinstance(m.get("role"), str) or not m["role"]:
+                raise InputError(f"each message needs a 'role' string ('system', 'user' or 'assistant'), got "
+                                 f"{m!r:.80}")
     return conversations, batched
 
 
@@ -104,17 +110,6 @@ def conversation_audios(conversation: Sequence[Message]) -> list[str | Waveform]
                     raise InputError(f"audio item {item!r:.80} names no clip: add 'audio_url': PATH or 'audio': ARRAY")
                 audios.append(item[key])
     return audios
-
-
-def _as_waveform(clip: object, index: int) -> Waveform:
-    if isinstance(clip, (str, Path)):
-        raise InputError(f"audio {index} is a path ({str(clip)!r}); the processor takes waveforms: decode it first "
-                         "with qwen2audio.audio.load_audio(path), which also resamples to 16 kHz")
-    if not isinstance(clip, (np.ndarray, Tensor)) or clip.ndim != 1:
-        shape = tuple(clip.shape) if isinstance(clip, (np.ndarray, Tensor)) else type(clip).__name__
-        raise InputError(f"audio {index} must be a mono 1-D float array or tensor at 16 kHz, got {shape}; "
-                         "average the channels of a stereo clip")
-    return clip
 
 
 def expand_audio_tokens(texts: list[str], counts: list[int]) -> list[str]:
@@ -162,11 +157,13 @@ class Processor:
         """From a checkpoint folder's tokenizer files; its preprocessor_config.json, if any, must match features.py."""
         config_file = Path(folder) / "preprocessor_config.json"
         if config_file.exists():
-            config = json.loads(config_file.read_text(encoding="utf-8"))
-            for key, expected in (("feature_size", N_MELS), ("sampling_rate", SAMPLE_RATE)):
+            config = read_json_file(config_file, "preprocessor_config.json", ConfigError)
+            if not isinstance(config, dict):
+                raise ConfigError(f"{config_file} must hold a JSON object, got {type(config).__name__}")
+            for key, expected in PREPROCESSOR_VALUES.items():
                 if config.get(key, expected) != expected:
-                    raise ConfigError(f"{config_file}: {key} is {config[key]}, but Qwen2-Audio's frontend uses "
-                                      f"{expected}; is this a Qwen2-Audio checkpoint?")
+                    raise ConfigError(f"{config_file}: {key} is {config[key]!r:.40}, but Qwen2-Audio's "
+                                      f"frontend uses {expected}; is this a Qwen2-Audio checkpoint?")
         return cls(Tokenizer.from_folder(folder))
 
     def apply_chat_template(self, conversation: Sequence[Message] | Sequence[Sequence[Message]],
@@ -182,45 +179,24 @@ class Processor:
 
     def __call__(self, text: str | list[str], audio: Sequence[Waveform] | Waveform | None = None,
                  sampling_rate: int = SAMPLE_RATE, padding: bool | str = True, return_tensors: str = "pt", *,
-                 long_audio: str = "truncate", audios: object = None) -> dict[str, Tensor]:
+                 long_audio: str = "truncate", audios: object = None, max_tokens: int | None = None
+                 ) -> dict[str, Tensor]:
         """input_ids and attention_mask (B, T) int64, left-padded; with audio also input_features
         (num_windows, 128, 3000) float32 and feature_attention_mask (num_windows, 3000) int32.
 
         The i-th `<|AUDIO|>` in the texts (row by row, left to right) belongs to the i-th clip of `audio`.
         Clips over 30 s: long_audio="truncate" keeps the first 30 s (the reference's behaviour) and warns;
         long_audio="chunk" encodes consecutive 30 s windows whose audio tokens follow one another in the clip's
-        single <|audio_bos|>...<|audio_eos|> span (one feature row per window).
+        single <|audio_bos|>...<|audio_eos|> span (one feature row per window). max_tokens (the model's
+        max_position_embeddings; the pipeline passes it) refuses audio that could not fit before computing features.
         """
-        if audios is not None:
-            raise InputError("the keyword is `audio=`, not `audios=` (the official Qwen2-Audio README's spelling, "
-                             "which transformers 4.5x silently ignored, dropping the audio): pass audio=[clip, ...]")
-        if return_tensors != "pt":
-            raise InputError(f"return_tensors={return_tensors!r} is not supported; use 'pt' (torch tensors)")
-        texts = [text] if isinstance(text, str) else list(text)
-        if not texts or not all(isinstance(t, str) for t in texts):
-            raise InputError("text must be a string or a non-empty list of strings")
-        if audio is None:
-            clips = []
-        elif isinstance(audio, (np.ndarray, Tensor)):  # one clip given bare
-            clips = [_as_waveform(audio, 0)]
-        else:
-            clips = [_as_waveform(clip, i) for i, clip in enumerate(audio)]
-        n_placeholders = sum(t.count(AUDIO) for t in texts)
-        if n_placeholders != len(clips):
-            raise InputError(f"the text has {n_placeholders} {AUDIO} placeholder(s) but {len(clips)} audio clip(s) "
-                             f"were given: put one {AUDIO_PLACEHOLDER} in the text for each clip, in the order of "
-                             "`audio` (apply_chat_template does this for every audio item of a conversation)")
-        if clips and sampling_rate != SAMPLE_RATE:
-            raise InputError(f"audio must be sampled at {SAMPLE_RATE} Hz, got sampling_rate={sampling_rate}: resample "
-                             "it first (qwen2audio.audio.load_audio decodes files and resamples them to 16 kHz)")
-
-        if long_audio not in ("truncate", "chunk"):
-            raise InputError(f"long_audio must be 'truncate' or 'chunk', got {long_audio!r}")
-
+        texts, clips = check_call(text, audio, sampling_rate, long_audio, audios, return_tensors)
+        if clips and max_tokens is not None:
+            check_audio_fits(texts, clips, long_audio, max_tokens)
         out: dict[str, Tensor] = {}
         if clips:
             windows, windows_per_clip = _windows(clips, long_audio)
-            features, frame_mask = extract_features(windows)  # (N, 128, 3000) float32, (N, 3000) int32
+            features, frame_mask = windows_features(windows)  # (N, 128, 3000) float32, (N, 3000) int32
             window_tokens = iter(audio_token_count(int(n)) for n in frame_mask.sum(-1))
             counts = [sum(next(window_tokens) for _ in range(n)) for n in windows_per_clip]
             texts = expand_audio_tokens(texts, counts)
@@ -232,6 +208,9 @@ class Processor:
         """Left-pad the rows to the longest with the tokenizer's pad id -> (input_ids, attention_mask), int64."""
         if padding not in (True, False, "longest", "do_not_pad"):
             raise InputError(f"padding={padding!r} is not supported; use True (pad to the longest) or False")
+        empty = [i for i, r in enumerate(rows) if not r]
+        if empty:  # parity: transformers returns a (B, 0) batch that no model can run
+            raise InputError(f"prompt {empty[0]} is empty: a prompt needs at least one token")
         width = max(len(r) for r in rows)
         if any(len(r) != width for r in rows):
             if padding in (False, "do_not_pad"):
