@@ -5,35 +5,41 @@ otherwise `model-0000i-of-0000n.safetensors` plus `model.safetensors.index.json`
 (`{"metadata": {"total_size": bytes of all tensors}, "weight_map": {key: file}}`); config.json with its `dtype`;
 the tokenizer, processor and generation files copied as they are. Only safetensors, JSON and the tokenizer's text
 files are ever written (never pickle). Tensors stream one at a time, so the peak memory is one output shard plus
-the largest tensor, not the model. The folder is built beside `dst` and renamed into place only when complete.
+the largest tensor, not the model. The folder is built beside `dst` and put in place only when complete, in one
+atomic step where the system allows (folder_swap.py says how, and what a killed run leaves); the disk space it needs
+is checked first, and a full disk midway is a WeightsError with the partial output removed.
 
 Weight-only int8 on disk (`quantize="int8"`, or saving a model swapped by `quantize.quantize_int8`): for every
 nn.Linear of the decoder and the lm_head (`quantize.int8_module_names`), `X.weight` is int8 (out, in) and
 `X.scales` (out,) is in the model dtype, with w ~= scales[:, None] * weight; biases stay in the model dtype.
 config.json carries INT8_CONFIG, which `weights.load_weights` reads to build Int8Linear modules before loading.
 transformers cannot load such a folder: it warns "Unknown quantization type", ignores the scales and would treat
-the int8 codes as weights.
+the int8 codes as weights. Converting an int8 folder with a dtype (and no quantize) dequantizes it: each weight
+becomes scales[:, None] * weight computed in float32, then cast to the dtype.
 """
 
 import dataclasses
-import json
+import errno
+import os
 import re
 import shutil
-import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
-from .checkpoint import INDEX_FILE, SINGLE_FILE, TensorEntry, checkpoint_shards, read_header, read_tensor
+from .checkpoint import TensorEntry, checkpoint_shards, read_header, read_json_file, read_tensor
 from .config import Qwen2AudioConfig
-from .errors import WeightsError
+from .errors import ConfigError, WeightsError
+from .folder_swap import check_replaceable, destination_lock, new_partial, put_in_place, recover, remove
+from .memory import size_text
 from .model import Qwen2AudioForConditionalGeneration
 from .quantize import Int8Linear, check_quantize, int8_module_names, quantize_weight
-from .weights import CHANGED_MARKER, INT8_QUANT_METHOD, meta_model, parse_dtype, swap_in_int8
+from .shards import shard_overhead, write_json, write_shards
+from .weights import CHANGED_MARKER, INT8_QUANT_METHOD, is_int8_checkpoint, meta_model, parse_dtype, swap_in_int8
 
 INT8_CONFIG = {"quant_method": INT8_QUANT_METHOD, "bits": 8, "group": "per_output_channel",
                "modules": "decoder_linear"}
@@ -42,6 +48,7 @@ INT8_CONFIG = {"quant_method": INT8_QUANT_METHOD, "bits": 8, "group": "per_outpu
 SIDE_FILES = ("generation_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
               "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.json",
               "chat_template.jinja")
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # disk full, quota reached, file size limit
 
 # Decimal units as transformers and huggingface_hub read them ("2GB" = 2e9 bytes); binary ones with an "i".
 _UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
@@ -79,70 +86,55 @@ def config_dict(cfg: Qwen2AudioConfig) -> dict:
             "audio_token_index": cfg.audio_token_index, "audio_config": audio, "text_config": text}
 
 
-def write_shards(folder: Path, tensors: Iterable[tuple[str, Tensor]], max_shard_size: int) -> None:
-    """Fill shards in order, starting a new one when the next tensor would overflow (a bigger tensor gets its own),
-    then name them: one shard is `model.safetensors`, several are `model-i-of-n` with an index."""
-    shards: list[list[str]] = []  # the keys of each written shard
-    shard: dict[str, Tensor] = {}
-
-    def flush() -> None:  # written under a temporary name until the number of shards is known
-        save_file(shard, folder / f"shard-{len(shards)}.partial", metadata={"format": "pt"})
-        shards.append(list(shard))
-        shard.clear()
-
-    size = total = 0
-    for key, tensor in tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if shard and size + nbytes > max_shard_size:
-            flush()
-            size = 0
-        shard[key] = tensor.contiguous()
-        size, total = size + nbytes, total + nbytes
-    if shard:
-        flush()
-    if not shards:
-        raise WeightsError("there are no tensors to write")
-    if len(shards) == 1:  # what transformers writes too: one file, no index
-        (folder / "shard-0.partial").rename(folder / SINGLE_FILE)
-        return
-    weight_map = {}
-    for i, keys in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        (folder / f"shard-{i}.partial").rename(folder / name)
-        weight_map.update(dict.fromkeys(keys, name))
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
-def write_json(path: Path, raw: dict) -> None:
-    path.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+@contextmanager
+def fresh_folder(dst: Path, force: bool, needed: int) -> Iterator[Path]:
+    """Yield an empty hidden folder beside `dst`; when the block succeeds it takes dst's name (folder_swap.py), when
+    it fails it is deleted. Holds dst's lock throughout, first cleans up what a killed run left (with a warning),
+    refuses a destination it may not replace, and checks that `needed` bytes fit on the disk."""
+    with writing_errors(dst, needed):
+        check_replaceable(dst, force)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with destination_lock(dst):
+            recover(dst)
+            was_empty = dst.is_dir() and not check_replaceable(dst, force)
+            free = shutil.disk_usage(dst.parent).free
+            if needed > free:
+                raise WeightsError(f"writing {dst} needs about {size_text(needed)} ({needed} bytes) but the disk "
+                                   f"holding {dst.parent} has {size_text(free)} free; free some space or write "
+                                   "elsewhere")
+            tmp = new_partial(dst)
+            try:
+                yield tmp
+                put_in_place(tmp, dst, force, was_empty)
+            except BaseException:
+                remove(tmp)  # the partial output (or, after an exchange, the old folder)
+                raise
 
 
 @contextmanager
-def fresh_folder(dst: Path, force: bool) -> Iterator[Path]:
-    """Yield an empty folder beside `dst`; when the block succeeds it becomes `dst` (an old `dst` is replaced only
-    then); when it fails it is deleted, so no half-written `dst` ever exists."""
-    if dst.exists() and not dst.is_dir():
-        raise WeightsError(f"{dst} exists and is not a folder; choose another destination")
-    if dst.is_dir() and any(dst.iterdir()):
-        if not force:
-            raise WeightsError(f"{dst} exists and is not empty; pass --force (force=True) to replace it")
-        if not (dst / "config.json").is_file() and not any(dst.glob("*.safetensors")):
-            raise WeightsError(f"{dst} is not empty and is not a model folder (no config.json or safetensors); "
-                               "refusing to replace it even with --force")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
-    tmp.chmod(0o755)
+def writing_errors(dst: Path, needed: int) -> Iterator[None]:
+    """OSErrors while writing dst become WeightsErrors: a full disk names the bytes the output needs."""
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = tmp.with_name(tmp.name.replace(".partial-", ".old-"))
-    if dst.exists():
-        dst.rename(old)
-    tmp.rename(dst)
-    shutil.rmtree(old, ignore_errors=True)
+        yield
+    except OSError as e:
+        where = e.filename or dst
+        if e.errno in NO_ROOM:
+            raise WeightsError(f"no room to write {where} ({e.strerror}): the output needs about "
+                               f"{size_text(needed)} ({needed} bytes); the partial output was removed") from None
+        raise WeightsError(f"cannot write {where}: {e.strerror or e}") from None
+
+
+def check_paths(src: Path, dst: Path) -> None:
+    """The source must be a folder that neither is the destination nor holds it, nor lies inside it."""
+    if not src.is_dir():
+        raise WeightsError(f"source folder {src} does not exist")
+    s, d = src.resolve(), dst.resolve()
+    if s == d or dst.exists() and os.path.samefile(src, dst):
+        raise WeightsError(f"{dst} is the source folder itself; write the converted model to another folder")
+    if s.is_relative_to(d):
+        raise WeightsError(f"{dst} contains the source {src}; write the converted model elsewhere")
+    if d.is_relative_to(s):
+        raise WeightsError(f"{dst} is inside the source folder {src}; write the converted model elsewhere")
 
 
 def read_source_tensor(path: Path, entry: TensorEntry) -> Tensor:
@@ -156,50 +148,92 @@ def copy_side_files(src: Path, dst: Path) -> None:
             shutil.copyfile(src / name, dst / name)
 
 
+def side_files_bytes(src: Path) -> int:
+    return sum((src / name).stat().st_size for name in SIDE_FILES if (src / name).is_file())
+
+
+class Job(NamedTuple):
+    """One output tensor: `key` from `entry` of the shard at `path`, converted to `dtype`; `quantize` adds its int8
+    codes and scales; `scales` (an int8 source dequantized) names the scales to multiply the codes by."""
+    key: str
+    path: Path
+    entry: TensorEntry
+    dtype: torch.dtype
+    quantize: bool = False
+    scales: tuple[Path, TensorEntry] | None = None
+
+    def nbytes(self) -> int:
+        elements = int(torch.Size(self.entry.shape).numel())
+        if self.quantize:
+            return elements + self.entry.shape[0] * self.dtype.itemsize  # int8 codes + one scale a row
+        return elements * self.dtype.itemsize
+
+    def tensors(self) -> Iterator[tuple[str, Tensor]]:
+        tensor = read_source_tensor(self.path, self.entry)
+        if self.scales is not None:  # parity: what Int8Linear computes with, made a plain weight
+            scales = read_source_tensor(*self.scales).to(torch.float32)
+            tensor = tensor.to(torch.float32) * scales[:, None]
+        tensor = tensor.to(self.dtype)
+        if not self.quantize:
+            yield self.key, tensor
+            return
+        q, scales = quantize_weight(tensor)  # the cast weight, as load(dtype=..., quantize="int8") does
+        yield self.key, q
+        yield self.key.removesuffix("weight") + "scales", scales.to(self.dtype)
+
+
+def plan_jobs(src: Path, config: Qwen2AudioConfig, target: torch.dtype | None, quantize: str | None
+              ) -> list[Job]:
+    """Every output tensor of converting src, in the source's order (reading is sequential through each file),
+    every header checked before anything is written."""
+    shards = checkpoint_shards(src)
+    headers = {path: read_header(path) for path in shards}
+    entries: dict[str, tuple[Path, TensorEntry]] = {}
+    for path, keys in sorted(shards.items()):
+        for key in keys:
+            if key not in headers[path]:
+                raise WeightsError(f"{path.name} lacks {key}, which the index places there")
+            entries[key] = (path, headers[path][key])
+    int8_keys = {f"{n}.weight" for n in int8_module_names(meta_model(config))} if quantize == "int8" else set()
+    head, embed = "language_model.lm_head.weight", "language_model.model.embed_tokens.weight"
+    if int8_keys and config.text_config.tie_word_embeddings and head not in entries and embed in entries:
+        entries[head] = entries[embed]  # an int8 lm_head is stored on its own (int8 + scales), quantized from it
+    dequantize = is_int8_checkpoint(src, ours=False) and target is not None and quantize is None
+    jobs = []
+    for key, (path, entry) in entries.items():
+        if dequantize and key.endswith(".scales") and \
+                entries.get(key.removesuffix("scales") + "weight", (path, entry))[1].dtype == torch.int8:
+            continue  # folded into its weight
+        scales = entries.get(key.removesuffix("weight") + "scales") if dequantize and entry.dtype == torch.int8 \
+            else None
+        if dequantize and entry.dtype == torch.int8 and scales is None:
+            raise WeightsError(f"{path.name}: the int8 tensor {key} has no {key.removesuffix('weight')}scales, so it "
+                               "cannot be dequantized; the int8 folder is incomplete")
+        dtype = target if target is not None and (entry.dtype.is_floating_point or scales) else entry.dtype
+        jobs.append(Job(key, path, entry, dtype, key in int8_keys and entry.dtype.is_floating_point, scales))
+    return jobs
+
+
 def convert(src: str | Path, dst: str | Path, dtype: str | torch.dtype | None = None, quantize: str | None = None,
             max_shard_size: str | int = "2GB", force: bool = False) -> Path:
     """Copy the checkpoint folder `src` to `dst`: floating tensors cast to `dtype` (None keeps them), the decoder's
-    linear weights int8 if quantize="int8", in shards of at most `max_shard_size` (one bigger tensor gets its own)."""
+    linear weights int8 if quantize="int8", in shards of at most `max_shard_size` (one bigger tensor gets its own).
+    An int8 folder given a dtype and no quantize is dequantized to that dtype."""
     src, dst = Path(src), Path(dst)
     target, limit = parse_dtype(dtype), parse_size(max_shard_size)
     check_quantize(quantize)
-    if not src.is_dir():
-        raise WeightsError(f"source folder {src} does not exist")
-    if src.resolve() != dst.resolve() and src.resolve().is_relative_to(dst.resolve()):
-        raise WeightsError(f"{dst} contains the source {src}; write the converted model elsewhere")
-    shards = checkpoint_shards(src)
-    headers = {path: read_header(path) for path in shards}
+    check_paths(src, dst)
     config = Qwen2AudioConfig.from_file(src)
-    raw = json.loads((src / "config.json").read_text())
-
-    # (output key, shard, source key), in the source's order: reading is sequential through each file.
-    jobs = [(key, path, key) for path, keys in sorted(shards.items()) for key in keys]
-    int8_keys: set[str] = set()
+    raw = read_json_file(src / "config.json", "config.json", ConfigError)
+    jobs = plan_jobs(src, config, target, quantize)
     if quantize == "int8":
-        int8_keys = {f"{n}.weight" for n in int8_module_names(meta_model(config))}
-        head, embed = "language_model.lm_head.weight", "language_model.model.embed_tokens.weight"
-        if config.text_config.tie_word_embeddings and not any(key == head for key, _, _ in jobs):
-            # An int8 lm_head is stored on its own (int8 + scales); a tied one is quantized from the embedding.
-            jobs += [(head, path, key) for key, path, _ in jobs if key == embed]
         raw["quantization_config"] = INT8_CONFIG
-
-    def tensors() -> Iterator[tuple[str, Tensor]]:
-        for key, path, source_key in jobs:
-            if source_key not in headers[path]:
-                raise WeightsError(f"{path.name} lacks {source_key}, which {INDEX_FILE} places there")
-            tensor = read_source_tensor(path, headers[path][source_key])
-            if target is not None and tensor.is_floating_point():
-                tensor = tensor.to(target)
-            if key in int8_keys and tensor.is_floating_point():  # an int8 source stays as it is
-                # Quantize the cast weight, as load(dtype=..., quantize="int8") does.
-                q, scales = quantize_weight(tensor)
-                yield key, q
-                yield key.removesuffix("weight") + "scales", scales.to(tensor.dtype)
-            else:
-                yield key, tensor
-
-    with fresh_folder(dst, force) as tmp:
-        write_shards(tmp, tensors(), limit)
+    elif target is not None and any(job.scales for job in jobs):
+        raw.pop("quantization_config", None)  # dequantized: a plain checkpoint again
+    needed = sum(job.nbytes() for job in jobs) + shard_overhead(len(jobs), sum(len(j.key) for j in jobs)) + \
+        side_files_bytes(src)
+    with fresh_folder(dst, force, needed) as tmp:
+        write_shards(tmp, (item for job in jobs for item in job.tensors()), limit)
         write_json(tmp / "config.json", set_config_dtype(raw, target) if target is not None else raw)
         copy_side_files(src, tmp)
     return dst
@@ -244,7 +278,7 @@ def save(model: Qwen2AudioForConditionalGeneration, dst: str | Path, max_shard_s
         if (declared.audio_config, declared.text_config) != (model.cfg.audio_config, model.cfg.text_config):
             raise WeightsError(f"{source / 'config.json'} describes another architecture than the model; "
                                "pass config=None to write the model's own config")
-        raw = json.loads((source / "config.json").read_text())
+        raw = read_json_file(source / "config.json", "config.json", ConfigError)
     raw.pop("quantization_config", None)
     if quantized:
         raw["quantization_config"] = INT8_CONFIG
@@ -269,7 +303,8 @@ def save(model: Qwen2AudioForConditionalGeneration, dst: str | Path, max_shard_s
                 tensor = tensor.clone()  # refuses shared storage
             yield key, tensor.to(target) if tensor.is_floating_point() else tensor
 
-    with fresh_folder(dst, force) as tmp:
+    needed = sum(t.numel() * (target.itemsize if t.is_floating_point() else t.element_size()) for t in state.values())
+    with fresh_folder(dst, force, needed + shard_overhead(len(state), sum(map(len, state)))) as tmp:
         write_shards(tmp, tensors(), limit)
         write_json(tmp / "config.json", set_config_dtype(raw, target))
         if source is not None:
