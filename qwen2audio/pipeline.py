@@ -259,7 +259,9 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
     weight-streaming kernels (kernels/cpu.py): matrix-vector products, and for int8 a C++ kernel built on first
     use on CPUs with AVX-512 VNNI (torch's own int8 kernel otherwise). On CPU, weights kept in the file's dtype
     are read into memory on huge pages (fastest decoding); mmap=True maps the files instead (load() returns at
-    once, decoding is slower; see weights.load_weights).
+    once, decoding is slower; see weights.load_weights): the files must not change while the model is in use (a
+    file truncated under the mapping kills the process with SIGBUS when read); each generation first checks the
+    mapped files' sizes and modification times and raises a WeightsError if one changed.
     """
     check_load_args(path, dtype, compile=compile, cpu_gemv=cpu_gemv, quiet=quiet, mmap=mmap)
     device = resolve_device(device)

@@ -151,3 +151,14 @@ def test_features_in_bounded_batches_equal_one_batch():
     whole, whole_mask = extract_features(windows)
     torch.testing.assert_close(batched, whole, rtol=0, atol=1e-5)
     assert torch.equal(batched_mask, whole_mask)
+
+
+def test_nan_weights_while_sampling_are_our_error(pipe):
+    weight = pipe.model.language_model.lm_head.weight
+    saved = weight.data[5].clone()
+    weight.data[5] = math.nan
+    try:
+        refused(lambda: pipe.generate(torch.tensor([[100, 200]]), max_new_tokens=2, do_sample=True, seed=0),
+                WeightsError, "NaN or infinite logits")
+    finally:
+        weight.data[5] = saved

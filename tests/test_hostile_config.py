@@ -156,3 +156,22 @@ def test_preprocessor_config_json_fifo(tmp_path):
     os.mkfifo(folder / "preprocessor_config.json")
     refused(lambda: Processor.from_folder(folder), ConfigError, "preprocessor_config.json", "not a regular file")
     shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize("generation, phrase", [
+    ({"eos_token_id": [10**9]}, "token id 1000000000"), ({"pad_token_id": 600}, "token id 600"),
+    ({"eos_token_id": [-1]}, "eos_token_ids must be token ids"), ({"do_sample": True, "temperature": 0.0},
+                                                                   "temperature must be > 0 when sampling"),
+    ({"top_p": 1.5}, "top_p must be in (0, 1]"), ({"max_new_tokens": -3}, "max_new_tokens must be at least 1"),
+])
+def test_generation_defaults_are_checked_against_the_model_at_load(tmp_path, generation, phrase):
+    """generation_config.json's values go through the one check of generation options, and its ids against the
+    model's vocabulary (512 here), when the pipeline is made: a ConfigError naming the file."""
+    from qwen2audio.pipeline import Qwen2Audio
+    from qwen2audio.weights import meta_model
+
+    model = meta_model(Qwen2AudioConfig.from_dict(dict(GOOD, text_config=dict(GOOD["text_config"], vocab_size=512,
+                                                                               eos_token_id=None))))
+    config = GenerationConfig.from_dict(generation)
+    refused(lambda: Qwen2Audio(model, tmp_path, config, None), ConfigError, str(tmp_path / "generation_config.json"),
+            phrase)

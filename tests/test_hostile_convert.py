@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 import qwen2audio
 from qwen2audio.convert import convert
 from qwen2audio.errors import WeightsError
+from qwen2audio.folder_swap import destination_lock, recover
 
 FAULTS = Path(__file__).with_name("convert_faults.py")
 STEPS = ["shard-0-written", "shard-2-written", "complete", "exchanged"]  # folder_swap.step names, in order
@@ -102,6 +103,10 @@ def test_killed_at_every_step_leaves_old_or_new_and_the_next_run_says_so(micro, 
         assert state in ([versions["old"], versions["new"]] + ([{}] if absent_ok else [])), case["signal_at"]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            if state == {} and started_old:  # the fallback's window between its renames: the journal restores dst
+                with destination_lock(dst):
+                    recover(dst)
+                assert contents(dst) == versions["new"] and "it now holds the new model" in str(caught[0].message)
             convert(micro, dst, dtype="bfloat16", max_shard_size="60KB", force=True)
         assert contents(dst) == versions["new"] and hidden_leftovers(dst) == []
         said = " ".join(str(w.message) for w in caught)  # every kill leaves something the next run reports
@@ -182,3 +187,19 @@ def test_int8_folder_converted_to_float32_is_dequantized(micro, tmp_path):
     assert torch.equal(d["language_model.model.layers.0.mlp.down_proj.weight"],
                        layer.weight.float() * layer.scales.float()[:, None])
     assert qwen2audio.load_model(fp32, quiet=True) is not None  # a plain float32 checkpoint again
+
+
+def test_the_command_line_says_what_a_killed_run_left(micro, tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    try:
+        import convert_weights
+    finally:
+        sys.path.pop(0)
+    (tmp_path / ".dst.partial-abc123").mkdir()  # what a conversion killed while writing leaves
+    (tmp_path / ".dst.partial-abc123" / "shard-0.partial").write_bytes(b"half")
+    assert convert_weights.main([str(micro), str(tmp_path / "dst"), "--dtype", "bfloat16"]) == 0
+    err = capsys.readouterr().err
+    assert "note: removed .dst.partial-abc123" in err and f"left beside {tmp_path / 'dst'}" in err
+    assert hidden_leftovers(tmp_path / "dst") == []
+    assert convert_weights.main([str(micro), str(micro)]) == 1
+    assert "error: " in capsys.readouterr().err

@@ -10,10 +10,15 @@ qwen2audio.load. An --quantize int8 folder is NOT loadable by transformers, only
 transformers does not know its format, warns "Unknown quantization type", skips the scales and would run the
 int8 codes as if they were weights (a broken model).
 Tensors stream one at a time; memory stays near one output shard plus the largest tensor.
+An int8 folder converted with --dtype (and no --quantize) is dequantized to that dtype.
+SRC and DST must be different folders, neither inside the other. The output appears under DST only when complete
+(an existing DST is swapped for it in one step); a conversion killed midway leaves DST as it was, and the next run
+into DST removes what was left and says so.
 """
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from qwen2audio.convert import convert
@@ -37,11 +42,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="replace an existing model folder at DST (all of it, once the new one is complete)")
     args = parser.parse_args(argv)
     try:
-        dst = convert(args.src, args.dst, dtype=args.dtype, quantize=args.quantize,
-                      max_shard_size=args.max_shard_size, force=args.force)
+        with warnings.catch_warnings(record=True) as notes:
+            warnings.simplefilter("always")
+            dst = convert(args.src, args.dst, dtype=args.dtype, quantize=args.quantize,
+                          max_shard_size=args.max_shard_size, force=args.force)
     except Qwen2AudioError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        for note in notes:  # what a killed earlier run left, and what became of it
+            print(f"note: {note.message}", file=sys.stderr)
     shards = sorted(dst.glob("*.safetensors"))
     size = sum(p.stat().st_size for p in shards)
     print(f"wrote {dst}: {len(shards)} safetensors file(s), {size / 1e9:.2f} GB")
