@@ -58,6 +58,26 @@ def parse_json(raw: bytes, what: str) -> object:
         raise ValueError(f"{what} is not valid JSON ({reason})") from None
 
 
+def present(path: Path) -> bool:
+    """Whether something is at path. True when that cannot be told (a folder we may not enter, a name too long),
+    so that reading it then says why; pathlib's exists() raises PermissionError there."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except (OSError, ValueError):
+        return True
+    return True
+
+
+def is_folder(path: Path) -> bool:
+    """Whether path is a folder; False when it cannot be told (pathlib's is_dir() raises PermissionError)."""
+    try:
+        return stat.S_ISDIR(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
 def open_regular(path: Path) -> BinaryIO:
     """Open a file for reading only if it is a regular file: opened without blocking and checked after opening
     (fstat), so a FIFO, a device or a folder in its place is a ValueError instead of a read that never ends."""
@@ -161,7 +181,7 @@ def shard_path(folder: Path, name: object) -> Path:
 def checkpoint_shards(folder: Path) -> dict[Path, list[str]]:
     """Map each safetensors file of the folder to the keys it holds (read from the index or the file header)."""
     index = folder / INDEX_FILE
-    if index.exists():
+    if present(index):
         weight_map = read_json_file(index)
         weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
@@ -169,13 +189,13 @@ def checkpoint_shards(folder: Path) -> dict[Path, list[str]]:
         shards: dict[Path, list[str]] = {}
         for key, name in weight_map.items():
             shards.setdefault(shard_path(folder, name), []).append(key)
-        missing = [p.name for p in shards if not p.exists()]
+        missing = [p.name for p in shards if not present(p)]
         if missing:
             raise WeightsError(f"{folder} is missing shard(s) {', '.join(sorted(missing))} listed in {INDEX_FILE}; "
                                "download the complete checkpoint")
         return shards
     single = folder / SINGLE_FILE
-    if single.exists():  # read_header refuses what is not a regular file
+    if present(single):  # read_header refuses what is not a regular file
         return {single: list(read_header(single))}
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
         raise WeightsError(f"{folder} holds only pickle checkpoints (.bin/.pt), which qwen2audio never loads; "

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import read_json_file
+from .checkpoint import is_folder, present, read_json_file
 from .errors import ConfigError
 
 
@@ -212,9 +212,9 @@ class Qwen2AudioConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> "Qwen2AudioConfig":
         path = Path(path)
-        if path.is_dir():
+        if is_folder(path):
             path = path / "config.json"
-        if not path.exists():
+        if not present(path):
             raise ConfigError(f"no config.json at {path}; a model folder needs config.json beside its safetensors")
         raw = read_json_file(path, "config.json", ConfigError)
         try:
@@ -251,9 +251,9 @@ class GenerationConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> "GenerationConfig | None":
         path = Path(path)
-        if path.is_dir():
+        if is_folder(path):
             path = path / "generation_config.json"
-        if not path.exists():
+        if not present(path):
             return None
         raw = read_json_file(path, "generation_config.json", ConfigError)
         try:

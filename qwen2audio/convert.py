@@ -26,20 +26,20 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from .checkpoint import TensorEntry, checkpoint_shards, read_header, read_json_file, read_tensor
+from .checkpoint import is_folder, read_json_file
+from .convert_plan import plan_jobs
 from .config import Qwen2AudioConfig
 from .errors import ConfigError, WeightsError
 from .folder_swap import check_replaceable, destination_lock, new_partial, put_in_place, recover, remove
 from .memory import size_text
 from .model import Qwen2AudioForConditionalGeneration
-from .quantize import Int8Linear, check_quantize, int8_module_names, quantize_weight
+from .quantize import Int8Linear, check_quantize, int8_module_names
 from .shards import shard_overhead, write_json, write_shards
-from .weights import CHANGED_MARKER, INT8_QUANT_METHOD, is_int8_checkpoint, meta_model, parse_dtype, swap_in_int8
+from .weights import CHANGED_MARKER, INT8_QUANT_METHOD, meta_model, parse_dtype, swap_in_int8
 
 INT8_CONFIG = {"quant_method": INT8_QUANT_METHOD, "bits": 8, "group": "per_output_channel",
                "modules": "decoder_linear"}
@@ -126,8 +126,8 @@ def writing_errors(dst: Path, needed: int) -> Iterator[None]:
 
 def check_paths(src: Path, dst: Path) -> None:
     """The source must be a folder that neither is the destination nor holds it, nor lies inside it."""
-    if not src.is_dir():
-        raise WeightsError(f"source folder {src} does not exist")
+    if not is_folder(src):
+        raise WeightsError(f"source folder {src} does not exist or cannot be entered")
     s, d = src.resolve(), dst.resolve()
     if s == d or dst.exists() and os.path.samefile(src, dst):
         raise WeightsError(f"{dst} is the source folder itself; write the converted model to another folder")
@@ -135,11 +135,6 @@ def check_paths(src: Path, dst: Path) -> None:
         raise WeightsError(f"{dst} contains the source {src}; write the converted model elsewhere")
     if d.is_relative_to(s):
         raise WeightsError(f"{dst} is inside the source folder {src}; write the converted model elsewhere")
-
-
-def read_source_tensor(path: Path, entry: TensorEntry) -> Tensor:
-    with open(path, "rb") as f:  # plain reads: nothing of the source stays resident once the tensor is written
-        return read_tensor(f, entry, path)
 
 
 def copy_side_files(src: Path, dst: Path) -> None:
@@ -150,68 +145,6 @@ def copy_side_files(src: Path, dst: Path) -> None:
 
 def side_files_bytes(src: Path) -> int:
     return sum((src / name).stat().st_size for name in SIDE_FILES if (src / name).is_file())
-
-
-class Job(NamedTuple):
-    """One output tensor: `key` from `entry` of the shard at `path`, converted to `dtype`; `quantize` adds its int8
-    codes and scales; `scales` (an int8 source dequantized) names the scales to multiply the codes by."""
-    key: str
-    path: Path
-    entry: TensorEntry
-    dtype: torch.dtype
-    quantize: bool = False
-    scales: tuple[Path, TensorEntry] | None = None
-
-    def nbytes(self) -> int:
-        elements = int(torch.Size(self.entry.shape).numel())
-        if self.quantize:
-            return elements + self.entry.shape[0] * self.dtype.itemsize  # int8 codes + one scale a row
-        return elements * self.dtype.itemsize
-
-    def tensors(self) -> Iterator[tuple[str, Tensor]]:
-        tensor = read_source_tensor(self.path, self.entry)
-        if self.scales is not None:  # parity: what Int8Linear computes with, made a plain weight
-            scales = read_source_tensor(*self.scales).to(torch.float32)
-            tensor = tensor.to(torch.float32) * scales[:, None]
-        tensor = tensor.to(self.dtype)
-        if not self.quantize:
-            yield self.key, tensor
-            return
-        q, scales = quantize_weight(tensor)  # the cast weight, as load(dtype=..., quantize="int8") does
-        yield self.key, q
-        yield self.key.removesuffix("weight") + "scales", scales.to(self.dtype)
-
-
-def plan_jobs(src: Path, config: Qwen2AudioConfig, target: torch.dtype | None, quantize: str | None
-              ) -> list[Job]:
-    """Every output tensor of converting src, in the source's order (reading is sequential through each file),
-    every header checked before anything is written."""
-    shards = checkpoint_shards(src)
-    headers = {path: read_header(path) for path in shards}
-    entries: dict[str, tuple[Path, TensorEntry]] = {}
-    for path, keys in sorted(shards.items()):
-        for key in keys:
-            if key not in headers[path]:
-                raise WeightsError(f"{path.name} lacks {key}, which the index places there")
-            entries[key] = (path, headers[path][key])
-    int8_keys = {f"{n}.weight" for n in int8_module_names(meta_model(config))} if quantize == "int8" else set()
-    head, embed = "language_model.lm_head.weight", "language_model.model.embed_tokens.weight"
-    if int8_keys and config.text_config.tie_word_embeddings and head not in entries and embed in entries:
-        entries[head] = entries[embed]  # an int8 lm_head is stored on its own (int8 + scales), quantized from it
-    dequantize = is_int8_checkpoint(src, ours=False) and target is not None and quantize is None
-    jobs = []
-    for key, (path, entry) in entries.items():
-        if dequantize and key.endswith(".scales") and \
-                entries.get(key.removesuffix("scales") + "weight", (path, entry))[1].dtype == torch.int8:
-            continue  # folded into its weight
-        scales = entries.get(key.removesuffix("weight") + "scales") if dequantize and entry.dtype == torch.int8 \
-            else None
-        if dequantize and entry.dtype == torch.int8 and scales is None:
-            raise WeightsError(f"{path.name}: the int8 tensor {key} has no {key.removesuffix('weight')}scales, so it "
-                               "cannot be dequantized; the int8 folder is incomplete")
-        dtype = target if target is not None and (entry.dtype.is_floating_point or scales) else entry.dtype
-        jobs.append(Job(key, path, entry, dtype, key in int8_keys and entry.dtype.is_floating_point, scales))
-    return jobs
 
 
 def convert(src: str | Path, dst: str | Path, dtype: str | torch.dtype | None = None, quantize: str | None = None,
@@ -251,20 +184,10 @@ def architecture_changes(model: Qwen2AudioForConditionalGeneration, quantized: b
         [f"{k} is {ours[k]}, not {expected[k]}" for k in ours if k in expected and ours[k] != expected[k]]
 
 
-def save(model: Qwen2AudioForConditionalGeneration, dst: str | Path, max_shard_size: str | int = "2GB",
-         config: str | Path | None = None, dtype: str | torch.dtype | None = None, force: bool = False,
-         allow_changed: bool = False) -> Path:
-    """Write `model` (possibly edited, possibly int8-quantized) as a Hub-layout folder that transformers loads
-    (unless quantized) and qwen2audio loads.
-
-    config.json is derived from `model.cfg`, or, given `config` (a model folder, e.g. `pipeline.path`), taken from
-    that folder together with its tokenizer, processor and generation files. `dtype` casts the floating tensors.
-    A model whose modules you changed (added, removed or reshaped weights) cannot be described by config.json, so
-    it is refused unless allow_changed=True: the folder then records the change, and `load()` tells whoever opens
-    it to build the changed model and load it with `load_model(path, model=...)`.
-    """
-    dst, limit = Path(dst), parse_size(max_shard_size)
-    target = parse_dtype(dtype) or model.language_model.model.embed_tokens.weight.dtype
+def saved_config(model: Qwen2AudioForConditionalGeneration, config: str | Path | None,
+                 allow_changed: bool) -> tuple[dict, Path | None]:
+    """(the config.json to write for `model`, the folder its other files come from): derived from model.cfg, or
+    taken from `config`'s folder; marked int8 or changed as the model is (see `save`)."""
     quantized = any(isinstance(m, Int8Linear) for m in model.language_model.modules())
     if quantized and int8_module_names(model):
         raise WeightsError(f"the model is partly int8 ({', '.join(int8_module_names(model)[:3])}... are not); "
@@ -291,7 +214,24 @@ def save(model: Qwen2AudioForConditionalGeneration, dst: str | Path, max_shard_s
     raw.pop(CHANGED_MARKER, None)
     if changes:
         raw[CHANGED_MARKER] = {"class": f"{type(model).__module__}.{type(model).__qualname__}", "changes": changes}
+    return raw, source
 
+
+def save(model: Qwen2AudioForConditionalGeneration, dst: str | Path, max_shard_size: str | int = "2GB",
+         config: str | Path | None = None, dtype: str | torch.dtype | None = None, force: bool = False,
+         allow_changed: bool = False) -> Path:
+    """Write `model` (possibly edited, possibly int8-quantized) as a Hub-layout folder that transformers loads
+    (unless quantized) and qwen2audio loads.
+
+    config.json is derived from `model.cfg`, or, given `config` (a model folder, e.g. `pipeline.path`), taken from
+    that folder together with its tokenizer, processor and generation files. `dtype` casts the floating tensors.
+    A model whose modules you changed (added, removed or reshaped weights) cannot be described by config.json, so
+    it is refused unless allow_changed=True: the folder then records the change, and `load()` tells whoever opens
+    it to build the changed model and load it with `load_model(path, model=...)`.
+    """
+    dst, limit = Path(dst), parse_size(max_shard_size)
+    target = parse_dtype(dtype) or model.language_model.model.embed_tokens.weight.dtype
+    raw, source = saved_config(model, config, allow_changed)
     state = model.state_dict()
     head = "language_model.lm_head.weight"
     tied = state[head].data_ptr() == state["language_model.model.embed_tokens.weight"].data_ptr()

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .cache import KVCache
-from .checkpoint import mapped_files
+from .checkpoint import is_folder, mapped_files, present
 from .config import GenerationConfig, Qwen2AudioConfig
 from .errors import InputError, WeightsError
 from .generate import GenerationOptions, decode_step, generate_stream
@@ -37,10 +37,10 @@ DEFAULT_MAX_NEW_TOKENS = 512
 def resolve_model_path(path_or_repo_id: str | Path, quiet: bool = False) -> Path:
     """A local folder as it is; otherwise a Hub repo id, fetched (only the files the model needs) into the HF cache."""
     path = Path(path_or_repo_id).expanduser()
-    if path.is_dir():
+    if is_folder(path):
         return path
     name = str(path_or_repo_id)
-    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+    if present(path) or name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise WeightsError(f"model {name!r} is neither a folder nor a Hub repo id like 'Qwen/Qwen2-Audio-7B-Instruct'")
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
@@ -108,9 +108,9 @@ class Qwen2Audio:
 
     def options(self, **overrides) -> GenerationOptions:
         """GenerationOptions: the overrides given (None means "the default") over generation_config.json over
-        transformers' defaults. Stop ids outside the vocabulary (the fallback ids, for a small model) are dropped."""
+        transformers' defaults. The fallback stop ids outside a small model's vocabulary are dropped; the file's own
+        ids are checked against the vocabulary at load (pipeline_checks.check_loaded)."""
         g, vocab = self.generation_config, self.config.vocab_size
-        # The fallback ids are dropped where the vocabulary is smaller; the file's own are checked at load.
         eos = g.eos_token_id or tuple(i for i in FALLBACK_EOS if i < vocab)
         pad = g.pad_token_id if g.pad_token_id is not None else (eos[0] if eos else 0)
         defaults = GenerationOptions(max_new_tokens=g.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, do_sample=g.do_sample,
@@ -269,7 +269,7 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
     model = load_model(folder, dtype=dtype, device=device, quantize=quantize, mmap=mmap, quiet=quiet)
     if cpu_gemv if cpu_gemv is not None else device.type == "cpu":
         use_cpu_gemv(model, verbose=not quiet)
-    has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()
+    has_tokenizer = present(folder / "tokenizer.json") or present(folder / "vocab.json")
     processor = Processor.from_folder(folder) if has_tokenizer else None
     pipe = Qwen2Audio(model, folder, GenerationConfig.from_file(folder), processor)
     if compile:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checkpoint import read_json_file
+from .checkpoint import present, read_json_file
 from .errors import ConfigError, InputError
 from .features import CHUNK_LENGTH, HOP_LENGTH, N_FFT, N_FRAMES, N_MELS, N_SAMPLES, SAMPLE_RATE, audio_token_count
 from .processor_inputs import AUDIO_PLACEHOLDER, Waveform, check_audio_fits, check_call, windows_features
@@ -156,7 +156,7 @@ class Processor:
     def from_folder(cls, folder: str | Path) -> "Processor":
         """From a checkpoint folder's tokenizer files; its preprocessor_config.json, if any, must match features.py."""
         config_file = Path(folder) / "preprocessor_config.json"
-        if config_file.exists():
+        if present(config_file):
             config = read_json_file(config_file, "preprocessor_config.json", ConfigError)
             if not isinstance(config, dict):
                 raise ConfigError(f"{config_file} must hold a JSON object, got {type(config).__name__}")

@@ -11,7 +11,7 @@ from tokenizers import AddedToken, processors
 from tokenizers import Tokenizer as _BackendTokenizer
 from tokenizers.models import BPE
 
-from .checkpoint import parse_json, read_json_file, read_regular_file
+from .checkpoint import parse_json, present, read_json_file, read_regular_file
 from .errors import ConfigError
 
 MAX_TOKEN_ID = 2**31 - 1  # ids beyond this cannot be an embedding row (and overflow the library's u32)
@@ -29,7 +29,7 @@ def _read_text(path: Path) -> str:
 def read_tokenizer_config(folder: Path) -> dict:
     """tokenizer_config.json as a dict ({} when the folder has none)."""
     path = folder / "tokenizer_config.json"
-    if not path.exists():
+    if not present(path):
         return {}
     config = read_json_file(path, "tokenizer_config.json", ConfigError)
     if not isinstance(config, dict):
@@ -63,7 +63,9 @@ _QWEN2_BPE = {"continuing_subword_prefix": (None, ""), "end_of_word_suffix": (No
 
 
 def _check_bpe_spec(spec: object, path: Path) -> None:
-    model = spec.get("model") if isinstance(spec, dict) else None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{path} must hold a JSON object, got {type(spec).__name__}")
+    model = spec.get("model")
     if not isinstance(model, dict) or model.get("type", "BPE") != "BPE":
         kind = model.get("type") if isinstance(model, dict) else type(model).__name__
         raise ConfigError(f"{path} holds a {kind!r:.40} model, not the byte-level BPE of Qwen2")
@@ -121,9 +123,9 @@ def _from_vocab_files(folder: Path) -> _BackendTokenizer:
 
 def read_backend(folder: Path) -> _BackendTokenizer:
     """The BPE tokenizer of a folder: tokenizer.json if present, else vocab.json + merges.txt."""
-    if (folder / "tokenizer.json").exists():
+    if present(folder / "tokenizer.json"):
         return _from_tokenizer_json(folder / "tokenizer.json")
-    if (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
+    if present(folder / "vocab.json") and present(folder / "merges.txt"):
         return _from_vocab_files(folder)
     raise ConfigError(f"{folder} has no tokenizer: expected tokenizer.json, or vocab.json and merges.txt "
                       "(copy them from the Hugging Face repo of the model)")

@@ -7,8 +7,8 @@ torch computation before forking, so no thread pool is copied half-used).
 A case: {"src", "dst", "dtype", "max_shard_size", "force", "signal_at" (a folder_swap step, "STEP" kills,
 "STEP:STOP" stops the child there), "kill_after_s" (SIGKILL after that many seconds), "no_renameat2" (the fallback
 of systems without it), "rlimit_fsize" (bytes: writes past it fail with EFBIG), "during" ("create": make dst with a
-file of someone else's while the child is stopped; "fill": put a file into the empty dst)}. A result: {"killed",
-"exit", "error"}.
+file of someone else's while the child is stopped; "fill": put a file into the empty dst; "fill-disk": fill the
+disk dst is on)}. A result: {"killed", "exit", "error"}.
 """
 
 import json
@@ -48,8 +48,17 @@ def child(case: dict, report: Path) -> None:
 
 
 def interfere(case: dict) -> None:
-    """What another process does at the destination while the child is stopped."""
+    """What another process does at the destination while the child is stopped: make the folder, write into it, or
+    fill the disk it is on."""
     dst = Path(case["dst"])
+    if case["during"] == "fill-disk":
+        with open(dst.parent / "filler", "wb") as f:
+            try:
+                while True:
+                    f.write(bytes(1 << 16))
+                    f.flush()
+            except OSError:
+                return
     if case["during"] == "create":
         dst.mkdir()
     (dst / "theirs.txt").write_text("someone else's file")

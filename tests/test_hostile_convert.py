@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import save_tiny_checkpoint
+from hostile import refused
 from safetensors.torch import load_file
 
 import qwen2audio
@@ -157,18 +158,33 @@ def test_a_file_size_limit_midway_is_our_error_with_the_bytes_needed(micro, tmp_
     assert not dst.exists() and hidden_leftovers(dst) == []
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="mounting a small tmpfs needs root")
-def test_a_full_disk_is_refused_before_writing(micro, tmp_path):
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MB tmpfs (mounting needs root; skipped elsewhere)."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "none", str(disk)]).returncode != 0:
-        pytest.skip("this machine does not let us mount a tmpfs")
-    try:
-        with pytest.raises(WeightsError, match=r"needs about .* \(\d+ bytes\) but the disk holding .* free"):
-            convert(micro, disk / "dst", dtype="float32")
-        assert list(disk.iterdir()) == []
-    finally:
-        subprocess.run(["umount", "-l", str(disk)])
+    if os.geteuid() != 0 or shutil.which("mount") is None or \
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "none", str(disk)]).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root and mount(8)")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)])
+
+
+def test_a_full_disk_is_refused_before_writing(micro, small_disk):
+    (small_disk / "filler").write_bytes(bytes(3 << 20))  # 1 MB left: the float32 conversion needs ~2 MB
+    refused(lambda: convert(micro, small_disk / "dst", dtype="float32"), WeightsError, "needs about",
+            "bytes) but the disk holding", "free")
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+
+
+def test_a_disk_that_fills_up_midway_is_our_error_and_the_output_is_removed(micro, small_disk, tmp_path):
+    dst = small_disk / "dst"
+    case = {"src": str(micro), "dst": str(dst), "dtype": "float32", "max_shard_size": "100KB",
+            "signal_at": "shard-0-written:STOP", "during": "fill-disk"}  # another process fills the disk meanwhile
+    (result,) = run_faults([case], tmp_path)
+    assert result["exit"] == 3 and "no room to write" in result["error"], result
+    assert "No space left on device" in result["error"] and "partial output was removed" in result["error"]
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
 
 
 def test_int8_folder_converted_to_float32_is_dequantized(micro, tmp_path):

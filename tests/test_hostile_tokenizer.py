@@ -76,9 +76,13 @@ def test_hostile_tokenizer_config_json(tmp_path, name):
 
 TOKENIZER_FILES = {
     "json_not_utf8": ("tokenizer.json", b"\xc3\x28", "not UTF-8"),
-    "json_list": ("tokenizer.json", b"[1, 2]", "tokenizers library"),
-    "json_truncated": ("tokenizer.json", b'{"version": "1.0", "model": {"type": "BPE", "vocab": {"a": 0', "library"),
-    "json_deep": ("tokenizer.json", b"[" * 100_000, "tokenizers library"),
+    "json_list": ("tokenizer.json", b"[1, 2]", "must hold a JSON object"),
+    "json_truncated": ("tokenizer.json", b'{"version": "1.0", "model": {"type": "BPE", "vocab": {"a": 0', "not valid JSON"),
+    "json_deep": ("tokenizer.json", b"[" * 100_000, "nested too deeply"),
+    "json_no_model": ("tokenizer.json", b'{"version": "1.0"}', "holds a 'NoneType' model"),
+    "json_bpe_prefix": ("tokenizer.json", b'{"model": {"type": "BPE", "continuing_subword_prefix": "##"}}',
+                        "model.continuing_subword_prefix is '##'"),
+    "json_bad_vocab": ("tokenizer.json", b'{"model": {"type": "BPE", "vocab": [1], "merges": []}}', "library"),
     "vocab_list": ("vocab.json", [1, 2], "must map each token to its id"),
     "vocab_string_ids": ("vocab.json", {"a": "0"}, "must map each token to its id"),
     "vocab_huge_id": ("vocab.json", {"a": 2**40}, "must map each token to its id"),
