@@ -20,7 +20,6 @@ QWEN2AUDIO_TEST_SIGNAL_AT=<step> kills the process at that step (the tests' way 
 
 import ctypes
 import errno
-import fcntl
 import json
 import os
 import shutil
@@ -32,6 +31,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import WeightsError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; conversions into one destination are then not kept apart
+    fcntl = None
 
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2  # linux/fs.h
 _AT_FDCWD = -100
@@ -48,7 +52,7 @@ def step(name: str) -> None:
 def _renameat2_function():
     try:
         return ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28
-    except (AttributeError, OSError):
+    except (AttributeError, OSError, TypeError):  # other C libraries and systems (Windows: CDLL(None) is an error)
         return None
 
 
@@ -74,7 +78,8 @@ def destination_lock(dst: Path) -> Iterator[None]:
     path = dst.parent / f".{dst.name}.lock"
     with open(path, "a") as lock:
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if not path.exists() or os.fstat(lock.fileno()).st_ino != path.stat().st_ino:
                 raise BlockingIOError  # the file was removed by the run that held it: another run has a new one
         except BlockingIOError:
