@@ -19,7 +19,6 @@ into DST removes what was left and says so.
 import argparse
 import sys
 import warnings
-from pathlib import Path
 
 from qwen2audio.convert import convert
 from qwen2audio.errors import Qwen2AudioError
