@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import Qwen2AudioError
-from .processor import AUDIO_PLACEHOLDER, base_prompt
+from .chat_template import AUDIO_PLACEHOLDER, base_prompt
 
 if TYPE_CHECKING:
     from .pipeline import Qwen2Audio

@@ -19,7 +19,8 @@ from .errors import InputError, WeightsError
 from .generate import GenerationOptions, decode_step, generate_stream
 from .kernels.cpu import use_cpu_gemv
 from .model import Qwen2AudioForConditionalGeneration
-from .processor import Message, Processor, apply_chat_template, as_conversations, conversation_audios
+from .chat_template import Message, apply_chat_template, as_conversations, conversation_audios
+from .processor import Processor, load_clips
 from .quantize import check_quantize
 from .tokenizer import Tokenizer
 from .checkpoint import MODEL_FILES
@@ -163,10 +164,7 @@ class Qwen2Audio:
     def inputs(self, prompts: str | list[str], audio: Sequence | None = None,
                long_audio: str = "truncate") -> dict[str, Tensor]:
         """Prompt text(s) with <|AUDIO|> placeholders + audio (paths, URLs, bytes or 16 kHz arrays) -> model inputs."""
-        from .audio import load_audio
-
-        # Arrays and tensors in conversations are taken to be 16 kHz; files are decoded and resampled.
-        clips = [load_audio(a, None if isinstance(a, (str, Path, bytes)) else 16000) for a in (audio or [])]
+        clips = load_clips(audio or [])
         return self._require_processor()(prompts, audio=clips or None, long_audio=long_audio)
 
     def _token_rows(self, batch: dict[str, Tensor], options: dict) -> Iterator[list[int | None]]:

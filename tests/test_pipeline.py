@@ -84,7 +84,7 @@ def test_long_audio_chunk_runs_end_to_end(folder):
     long_clip = test_signal(75.0)
     conversation = [{"role": "user", "content": [{"type": "audio", "audio": long_clip},
                                                   {"type": "text", "text": "Summarise."}]}]
-    prompt = pipe.processor.apply_chat_template(conversation)
+    prompt = pipe.processor.apply_chat_template(conversation, add_generation_prompt=True)
     batch = pipe.processor(prompt, audio=[long_clip], long_audio="chunk")
     assert batch["input_features"].shape[0] == 3  # 30 s + 30 s + 15 s
     assert int((batch["input_ids"] == 151646).sum()) == 750 + 750 + 375
@@ -144,3 +144,18 @@ def test_threads_and_interleaved_streams_share_one_pipeline(folder):
     for w in workers:
         w.join()
     assert [replies[i] for i in range(6)] == alone * 2
+
+
+def test_small_vocabulary_without_eos_generates_like_transformers(tmp_path):
+    """No eos in the checkpoint and a vocabulary smaller than the fallback stop ids (151643, 151645): those ids are
+    ignored, and min_new_tokens works (it used to index past the vocabulary)."""
+    from helpers import save_tiny_checkpoint
+
+    folder = save_tiny_checkpoint(tmp_path / "small", vocab_size=1000, bos_token_id=None, eos_token_id=None)
+    (folder / "generation_config.json").unlink(missing_ok=True)
+    pipe = qwen2audio.load(folder, quiet=True)
+    assert pipe.options().eos_token_ids == () and pipe.options().pad_token_id == 0
+    ids = torch.tensor([[5, 17, 300, 999, 42]])
+    ours = pipe.generate(ids, max_new_tokens=8, min_new_tokens=3, do_sample=False)
+    expected = load_hf(folder).generate(ids, max_new_tokens=8, min_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours, expected[:, ids.shape[1]:])
