@@ -7,7 +7,6 @@ from helpers import audio_prompt_ids, hf_audio_rows, left_pad, load_hf, test_sig
 import qwen2audio
 from qwen2audio.errors import InputError
 from qwen2audio.features import audio_token_count, extract_features
-from qwen2audio.model import causal_padding_mask, positions_from_mask
 
 
 def features_for(seconds: list[float]):
