@@ -11,13 +11,11 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import wave
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from helpers import test_signal
+from helpers import test_signal, write_wav
 from tokenizer_fixture import shared_tokenizer_folder
 
 import qwen2audio
@@ -28,13 +26,6 @@ GREEDY = ["--greedy", "--max-new-tokens", "8"]  # the tiny model's generation_co
 API_GREEDY = dict(do_sample=False, max_new_tokens=8)
 
 
-def write_wav(path: Path, samples: np.ndarray) -> Path:
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
-    return path
 
 
 def model_folder_from(checkpoint: Path, target: Path) -> Path:

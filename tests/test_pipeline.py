@@ -1,12 +1,10 @@
 """The pipeline end to end: conversations in, text out, equal to transformers' processor + generate + decode."""
 
 import shutil
-import wave
 
-import numpy as np
 import pytest
 import torch
-from helpers import load_hf, test_signal
+from helpers import load_hf, test_signal, write_wav
 from tokenizer_fixture import hf_processor, write_tokenizer_files
 
 import qwen2audio
@@ -20,13 +18,6 @@ def folder(tiny_checkpoint, tmp_path_factory):
     return write_tokenizer_files(target)
 
 
-def write_wav(path, samples: np.ndarray) -> str:
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
-    return str(path)
 
 
 def reference_reply(folder, conversations, audios, **options):
@@ -40,7 +31,7 @@ def reference_reply(folder, conversations, audios, **options):
 def test_chat_batch_and_stream_equal_transformers(folder, tmp_path):
     clips = [test_signal(s, seed=i) for i, s in enumerate([1.0, 2.5, 4.0])]
     # What the WAV file holds, read back the way the file gives it (16-bit rounding included).
-    path = write_wav(tmp_path / "a.wav", clips[0])
+    path = str(write_wav(tmp_path / "a.wav", clips[0]))
     clips[0] = qwen2audio.audio.load_audio(path)
     conversations = [
         [{"role": "user", "content": [{"type": "audio", "audio_url": path}, {"type": "text", "text": "What is it?"}]}],
