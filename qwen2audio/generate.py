@@ -183,9 +183,13 @@ def decode_step(model: Qwen2AudioForConditionalGeneration, token_ids: Tensor, po
 
 
 def check_prompt(model: Qwen2AudioForConditionalGeneration, input_ids: Tensor, attention_mask: Tensor | None,
-                 max_new_tokens: int) -> Tensor:
-    """The attention mask (ones when None), after checking that the prompt is a left-padded batch that fits."""
-    B, T = input_ids.shape
+                 o: GenerationOptions) -> Tensor:
+    """The attention mask (ones when None), after checking that the prompt is a left-padded batch that fits and
+    that the options' token ids exist."""
+    B, T, max_new_tokens, vocab = *input_ids.shape, o.max_new_tokens, model.cfg.text_config.vocab_size
+    if any(i >= vocab for i in o.eos_token_ids) or o.pad_token_id >= vocab:
+        raise InputError(f"eos_token_ids {o.eos_token_ids} and pad_token_id {o.pad_token_id} must be below the "
+                         f"vocabulary size {vocab}")
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     if not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape:
         raise InputError(f"attention_mask must be a tensor of input_ids' shape {(B, T)}, got "
@@ -208,17 +212,13 @@ def generate_stream(model: Qwen2AudioForConditionalGeneration, input_ids: Tensor
     generating (a row that has stopped gets pad_token_id). See `generate`."""
     o = options
     input_ids = model.check_ids(input_ids).to(model.device)
-    attention_mask = check_prompt(model, input_ids, attention_mask, o.max_new_tokens)
+    attention_mask = check_prompt(model, input_ids, attention_mask, o)
     B, T = input_ids.shape
     if cache is None or cache.batch_size != B or cache.max_seq_len < T + o.max_new_tokens:
         cache = model.new_cache(B, T + o.max_new_tokens)
     S, device = cache.max_seq_len, input_ids.device
     # (B, S): the prompt's padding by slot; every slot after the prompt holds a real (generated) token.
     slot_mask = torch.cat([attention_mask.bool(), attention_mask.new_ones(B, S - T, dtype=torch.bool)], dim=1)
-    vocab = model.cfg.text_config.vocab_size
-    if any(i >= vocab for i in o.eos_token_ids) or o.pad_token_id >= vocab:
-        raise InputError(f"eos_token_ids {o.eos_token_ids} and pad_token_id {o.pad_token_id} must be below the "
-                         f"vocabulary size {vocab}")
     eos_ids = torch.tensor(o.eos_token_ids, dtype=torch.long, device=device)
     # parity: transformers samples from the global RNG; on CPU a generator seeded with s draws exactly what
     # torch.manual_seed(s) would, so seeded runs reproduce its samples.
