@@ -20,6 +20,7 @@ from .generate import GenerationOptions, decode_step, generate_stream
 from .kernels.cpu import use_cpu_gemv
 from .model import Qwen2AudioForConditionalGeneration
 from .chat_template import Message, apply_chat_template, as_conversations, conversation_audios
+from .prefix import CachedPrefix, reusable_length, window_spans
 from .processor import Processor, load_clips
 from .quantize import check_quantize
 from .tokenizer import Tokenizer
@@ -29,6 +30,7 @@ from .weights import load_weights
 # Used when a checkpoint's generation_config.json names no eos: Instruct replies end with <|im_end|>.
 FALLBACK_EOS = (151645, 151643)
 DEFAULT_MAX_NEW_TOKENS = 512
+IDLE_CACHES = 2  # caches kept for reuse between generations (each holds one conversation's prefix, or a batch)
 
 
 def resolve_model_path(path_or_repo_id: str | Path, quiet: bool = False) -> Path:
@@ -88,7 +90,7 @@ class Qwen2Audio:
         self.tokenizer: Tokenizer | None = processor.tokenizer if processor else None
         self.decode_fn = decode_step  # replaced by a compiled version with load(compile=True)
         self.last_stats: dict[str, float] | None = None  # timings of the last generation that finished
-        self._idle_caches: list[KVCache] = []  # caches no generation holds now, reused by the next ones
+        self._idle: list[tuple[KVCache, CachedPrefix | None]] = []  # caches no generation holds, with their content
         self._lock = threading.Lock()  # guards the pool only; generations run concurrently
 
     @property
@@ -120,36 +122,67 @@ class Qwen2Audio:
 
     # -- token level ------------------------------------------------------------------------------------------------
 
-    def _take_cache(self, batch_size: int, length: int) -> KVCache:
-        with self._lock:
-            for cache in self._idle_caches:
-                if cache.batch_size == batch_size and cache.max_seq_len >= length:
-                    self._idle_caches.remove(cache)
-                    return cache
-        return self.model.new_cache(batch_size, length)
+    def _take_cache(self, batch: dict, length: int) -> tuple[KVCache, int, dict]:
+        """A cache for this batch, the number of prompt tokens it holds already, and the model inputs to give
+        `generate_stream` (for a reused prefix, the audio of the rest of the prompt only).
 
-    def _give_back(self, cache: KVCache) -> None:
+        One-row prompts reuse the idle cache that shares the longest prefix with them (the previous turn of the
+        conversation), grown when it is too short; a batch gets an idle cache of its size, or a new one."""
+        ids, rows, mask = batch["input_ids"], batch["input_ids"].shape[0], batch["attention_mask"]
+        rows = rows if rows > 1 or mask is None or bool(mask.all()) else -1  # no reuse for a padded single row
+        spans = window_spans(ids[0], self.config.audio_token_index, batch.get("feature_attention_mask")) \
+            if rows == 1 else []
+        with self._lock:
+            scored = [(reusable_length(prefix, ids[0], spans, batch.get("input_features")) if rows == 1 else 0, i)
+                      for i, (cache, prefix) in enumerate(self._idle) if cache.batch_size == rows]
+            cached, index = max(scored, default=(0, None))
+            cache = self._idle.pop(index)[0] if index is not None else None
+        rows = ids.shape[0]
+        if cache is None or cache.max_seq_len < length:  # grow with room for the turns to come
+            limit = self.config.text_config.max_position_embeddings
+            size = min(max(length, 2 * (cache.max_seq_len if cache else 0)), limit)
+            cache = cache.grown(size, cached) if cache is not None and cached else self.model.new_cache(rows, size)
+        skip = sum(1 for start, _ in spans if start < cached)  # windows the cache holds: not encoded again
+        rest = {k: v[skip:] if skip < len(spans) else None for k, v in batch.items()
+                if k in ("input_features", "feature_attention_mask")}
+        return cache, cached, {**batch, **rest} if cached else batch
+
+    def _give_back(self, cache: KVCache, batch: dict, tokens: list[Tensor]) -> None:
+        """Keep the cache for the next generation, with what it holds when it is one row: the prompt and every
+        generated token but the last (which was never fed back)."""
+        prefix = None
+        mask = batch["attention_mask"]
+        if cache.batch_size == 1 and tokens and (mask is None or bool(mask.all())):
+            fed = torch.tensor([int(t) for t in tokens[:-1]], dtype=torch.long, device=batch["input_ids"].device)
+            ids = torch.cat([batch["input_ids"][0], fed])
+            spans = window_spans(batch["input_ids"][0], self.config.audio_token_index,
+                                 batch.get("feature_attention_mask"))
+            prefix = CachedPrefix(ids, [(start, batch["input_features"][i]) for i, (start, n) in enumerate(spans)
+                                        if n])
         with self._lock:  # keep the last few, so a chat does not allocate its cache again every turn
-            self._idle_caches = [cache] + self._idle_caches[:1]
+            self._idle = [(cache, prefix)] + self._idle[:IDLE_CACHES - 1]
 
     def generate_stream(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                         input_features: Tensor | None = None, feature_attention_mask: Tensor | None = None,
                         options: GenerationOptions | None = None) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield (tokens (B,), live (B,)) per step, as `generate.generate_stream`; records timings in
-        `last_stats`."""
+        `last_stats` (with the prompt tokens taken from an earlier turn's cache, `cached_tokens`)."""
         options = options or self.options()
-        cache = self._take_cache(*input_ids.shape[:1], input_ids.shape[-1] + options.max_new_tokens)
-        start, first, steps = time.perf_counter(), 0.0, 0
-        for step in generate_stream(self.model, input_ids, attention_mask, input_features, feature_attention_mask,
-                                    options, cache=cache, decode_fn=self.decode_fn):
+        batch = {"input_ids": self.model.check_ids(input_ids), "attention_mask": attention_mask,
+                 "input_features": input_features, "feature_attention_mask": feature_attention_mask}
+        cache, cached, inputs = self._take_cache(batch, input_ids.shape[-1] + options.max_new_tokens)
+        start, first, tokens = time.perf_counter(), 0.0, []
+        for step in generate_stream(self.model, **inputs, options=options, cache=cache, decode_fn=self.decode_fn,
+                                    cached=cached):
             first = first or time.perf_counter() - start
-            steps += 1
+            tokens.append(step[0])
             yield step
-        self._give_back(cache)  # not reached when the caller abandons the stream: that cache is simply dropped
+        self._give_back(cache, batch, tokens)  # not reached when the caller abandons the stream: it is dropped
         total = time.perf_counter() - start
-        decode_tps = (steps - 1) / (total - first) if steps > 1 and total > first else 0.0
-        self.last_stats = {"time_to_first_token_s": round(first, 4), "new_tokens": steps,
-                           "decode_tokens_per_s": round(decode_tps, 2), "generate_s": round(total, 4)}
+        decode_tps = (len(tokens) - 1) / (total - first) if len(tokens) > 1 and total > first else 0.0
+        self.last_stats = {"time_to_first_token_s": round(first, 4), "new_tokens": len(tokens),
+                           "decode_tokens_per_s": round(decode_tps, 2), "generate_s": round(total, 4),
+                           "cached_tokens": cached}
 
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, input_features: Tensor | None = None,
                  feature_attention_mask: Tensor | None = None, **options) -> Tensor:

@@ -150,3 +150,32 @@ def test_small_vocabulary_without_eos_generates_like_transformers(tmp_path):
     ours = pipe.generate(ids, max_new_tokens=8, min_new_tokens=3, do_sample=False)
     expected = load_hf(folder).generate(ids, max_new_tokens=8, min_new_tokens=3, do_sample=False, pad_token_id=0)
     assert torch.equal(ours, expected[:, ids.shape[1]:])
+
+
+def test_a_second_turn_prefills_only_its_new_tokens(folder):
+    """The cache of the previous turn serves the next: only the tokens after the shared prefix are prefilled, and
+    the replies equal those of a pipeline that recomputes everything. Same ids but another clip of the same length
+    (every clip is written as the same <|AUDIO|> ids) is not reused past that clip."""
+    pipe, fresh = qwen2audio.load(folder), qwen2audio.load(folder)
+    greedy = dict(max_new_tokens=8, do_sample=False)
+    turn1 = [{"role": "user", "content": [{"type": "audio", "audio": test_signal(2.0, seed=1)},
+                                          {"type": "text", "text": "What is it?"}]}]
+    reply1 = pipe.chat(turn1, **greedy)
+    assert pipe.last_stats["cached_tokens"] == 0
+    first_prompt = pipe.inputs(apply_chat_template_text(pipe, turn1), [test_signal(2.0, seed=1)])["input_ids"].shape[1]
+    turn2 = turn1 + [{"role": "assistant", "content": reply1}, {"role": "user", "content": "And then?"}]
+    reply2 = pipe.chat(turn2, **greedy)
+    assert pipe.last_stats["cached_tokens"] >= first_prompt  # the whole first prompt, and the reply's tokens
+    new = fresh.chat(turn2, **greedy)
+    assert fresh.last_stats["cached_tokens"] == 0 and reply2 == new
+
+    other = [{"role": "user", "content": [{"type": "audio", "audio": test_signal(2.0, seed=2)},
+                                          {"type": "text", "text": "What is it?"}]}]
+    audio_start = pipe.inputs(apply_chat_template_text(pipe, other), [test_signal(2.0, seed=2)])["input_ids"][0] \
+        .tolist().index(151646)
+    assert pipe.chat(other, **greedy) == fresh.chat(other, **greedy)
+    assert pipe.last_stats["cached_tokens"] == audio_start  # the system prompt and "Audio 1: <|audio_bos|>" only
+
+
+def apply_chat_template_text(pipe, conversation) -> str:
+    return pipe.processor.apply_chat_template(conversation, add_generation_prompt=True)
