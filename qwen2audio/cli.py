@@ -48,9 +48,9 @@ def checked(kind: type, ok: Callable[[float], bool], requirement: str) -> Callab
     return parse
 
 
-def _model_options(common: argparse.ArgumentParser) -> None:
+def _model_options(common: argparse.ArgumentParser, model: str) -> None:
     g = common.add_argument_group("model")
-    g.add_argument("--model", default=DEFAULT_MODEL,
+    g.add_argument("--model", default=model,
                    help="a local model folder or a Hub repo id, downloaded on first use (default: %(default)s)")
     g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="weights dtype; auto keeps the checkpoint's (bf16 for the Hub models)")
@@ -59,7 +59,8 @@ def _model_options(common: argparse.ArgumentParser) -> None:
     g.add_argument("--quantize", choices=["int8"], default=None, help="weight-only int8 for the decoder")
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     g.add_argument("--mmap", action="store_true",
-                   help="map the weight files instead of reading them: loads at once, decodes slower")
+                   help="keep the weight files mapped (by default they move into memory in the background after "
+                        "loading): less memory, slower decoding")
     g.add_argument("--threads", type=checked(int, lambda v: v >= 1, ">= 1"), metavar="N",
                    help="torch's intra-op threads (default: torch's choice, one per core)")
 
@@ -82,10 +83,11 @@ def _generation_options(common: argparse.ArgumentParser) -> None:
                    help="audio over 30 s: keep the first 30 s (default, warns) or encode it in 30 s windows")
 
 
-def common_options() -> argparse.ArgumentParser:
-    """The options every subcommand takes: the model, generation, output."""
+def common_options(model: str = DEFAULT_MODEL) -> argparse.ArgumentParser:
+    """The options every subcommand takes: the model (default `model`), generation, output. A new parser for each
+    subcommand: argparse shares a parent's actions, so one subcommand's defaults would change the others'."""
     common = argparse.ArgumentParser(add_help=False)
-    _model_options(common)
+    _model_options(common, model)
     _generation_options(common)
     o = common.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print one JSON object per reply, with timings")
@@ -94,30 +96,31 @@ def common_options() -> argparse.ArgumentParser:
     return common
 
 
-def _add_subcommands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    chat = sub.add_parser("chat", parents=[common], help="chat with the Instruct model (one reply or a session)",
+def _add_subcommands(sub: argparse._SubParsersAction) -> None:
+    chat = sub.add_parser("chat", parents=[common_options()],
+                          help="chat with the Instruct model (one reply or a session)",
                           description=f"One reply to --audio/--prompt, streamed to stdout; with neither, an "
                                       f"interactive session: {HELP}.")
     chat.add_argument("--audio", action="append", default=[], metavar="FILE",
                       help="an audio file, '-' for stdin (repeatable)")
     chat.add_argument("--prompt", help="the question; without it the audio itself is the question (voice chat)")
     chat.add_argument("--system", help="a system prompt instead of the default one")
-    caption = sub.add_parser("caption", parents=[common], help="the base model's raw prompt format",
+    caption = sub.add_parser("caption", parents=[common_options(BASE_MODEL)],
+                             help="the base model's raw prompt format",
                              description="The base model (Qwen/Qwen2-Audio-7B): the audio tags, then the task text.")
     caption.add_argument("--audio", action="append", required=True, metavar="FILE",
                          help="an audio file, '-' for stdin (repeatable)")
     caption.add_argument("--prompt", default=CAPTION_PROMPT,
                          help=f"the task text after the audio tags (default: %(default)r); a prompt that holds its "
                               f"own {AUDIO_PLACEHOLDER} tags is used as it is")
-    caption.set_defaults(model=BASE_MODEL)
-    transcribe = sub.add_parser("transcribe", parents=[common], help="speech to text, one transcript per file",
+    transcribe = sub.add_parser("transcribe", parents=[common_options(BASE_MODEL)],
+                                help="speech to text, one transcript per file",
                                 description=f"The base model's ASR prompt ({ASR_PROMPT!r}, then the language tag "
                                             "when given) for each file; greedy unless sampling options are given.")
     transcribe.add_argument("files", nargs="+", metavar="FILE", help="audio files ('-' for stdin)")
     transcribe.add_argument("--language", metavar="CODE", help="the spoken language, e.g. en, zh, yue, fr "
                                                                "(default: the model detects it)")
     transcribe.add_argument("-o", "--output-dir", metavar="DIR", help="write one DIR/NAME.txt per input instead")
-    transcribe.set_defaults(model=BASE_MODEL)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=examples)
     parser.add_argument("--version", action="version", version=f"qwen2audio {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    _add_subcommands(sub, common_options())
+    _add_subcommands(sub)
     return parser
 
 

@@ -22,6 +22,7 @@ from .model import Qwen2AudioForConditionalGeneration
 from .chat_template import Message, apply_chat_template, as_conversations, conversation_audios
 from .prefix import CachedPrefix, reusable_length, window_spans
 from .processor import Processor, load_clips
+from .resident import MoveIntoMemory
 from .quantize import check_quantize
 from .tokenizer import Tokenizer
 from .checkpoint import MODEL_FILES
@@ -92,10 +93,16 @@ class Qwen2Audio:
         self.last_stats: dict[str, float] | None = None  # timings of the last generation that finished
         self._idle: list[tuple[KVCache, CachedPrefix | None]] = []  # caches no generation holds, with their content
         self._lock = threading.Lock()  # guards the pool only; generations run concurrently
+        self.moving: MoveIntoMemory | None = None  # weights still moving from the mapped files (see load())
 
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    def wait_until_ready(self, timeout: float | None = None) -> bool:
+        """Wait until the weights are in memory of their own (load() moves them there in the background); False
+        if the timeout passed first. Needed only before editing weights in place, or to time steady decoding."""
+        return self.moving is None or self.moving.wait(timeout)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -264,25 +271,34 @@ def load_model(path: str | Path, model: torch.nn.Module | None = None, dtype: st
 
 def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
          quantize: str | None = None, compile: bool = False, cpu_gemv: bool | None = None,
-         quiet: bool = False, mmap: bool = False) -> Qwen2Audio:
+         quiet: bool = False, mmap: bool | None = None) -> Qwen2Audio:
     """Load a Qwen2-Audio checkpoint folder (or Hub repo id). dtype=None keeps the checkpoint's dtype.
 
     quantize="int8" loads the decoder's linear layers as weight-only int8, quantized as they are read (the
     full-precision decoder is never in memory); compile=True compiles the single-token decode step with
     torch.compile (CUDA graphs on CUDA). cpu_gemv (default: on for CPU) runs decoder products of a few rows with
     weight-streaming kernels (kernels/cpu.py): matrix-vector products, and for int8 a C++ kernel built on first
-    use on CPUs with AVX-512 VNNI (torch's own int8 kernel otherwise). On CPU, weights kept in the file's dtype
-    are read into memory on huge pages (fastest decoding); mmap=True maps the files instead (load() returns at
-    once, decoding is slower; see weights.load_weights).
+    use on CPUs with AVX-512 VNNI (torch's own int8 kernel otherwise).
+
+    On CPU, weights kept in the file's dtype end in memory of their own on huge pages (fastest decoding). By default
+    (mmap=None, no quantize) the files are mapped, load() returns at once, and the weights move into that memory in
+    the background while the first answer is computed (resident.py; `pipe.wait_until_ready()` waits for it).
+    mmap=False reads them before returning; mmap=True keeps them mapped (decoding is slower, and the files must
+    not change while the model lives).
     """
+    check_quantize(quantize)
     device = resolve_device(device)
     folder = resolve_model_path(path, quiet=quiet)
-    model = load_model(folder, dtype=dtype, device=device, quantize=quantize, mmap=mmap, quiet=quiet)
+    mapped: list = []
+    background = mmap is None and quantize is None  # an int8 decoder is read anyway: then read all of it
+    model = load_weights(folder, dtype=dtype, device=device, progress=not quiet, quantize=quantize,
+                         map_files=bool(mmap) or background, mapped=mapped if background else None)
     if cpu_gemv if cpu_gemv is not None else device.type == "cpu":
         use_cpu_gemv(model, verbose=not quiet)
     has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()
     processor = Processor.from_folder(folder) if has_tokenizer else None
     pipe = Qwen2Audio(model, folder, GenerationConfig.from_file(folder), processor)
+    pipe.moving = MoveIntoMemory(model, mapped)  # `ready` at once when nothing was mapped
     if compile:
         mode = "reduce-overhead" if pipe.device.type == "cuda" else None  # CUDA graphs need fixed shapes: we have them
         pipe.decode_fn = torch.compile(decode_step, mode=mode, fullgraph=True, dynamic=False)

@@ -169,7 +169,7 @@ def test_two_audios_system_prompt_json_and_load_options(work, pipe, loads, capsy
 
 def test_defaults_pass_quiet_false_and_the_checkpoint_dtype(work, loads, capsys):
     assert cli.main(["chat", "--model", "M", "--prompt", "hi", "--device", "cpu", "--max-new-tokens", "2"]) == 0
-    assert loads == [("M", dict(dtype=None, device="cpu", quantize=None, compile=False, mmap=False,
+    assert loads == [("M", dict(dtype=None, device="cpu", quantize=None, compile=False, mmap=None,
                                 quiet=False))]
     assert loads[0][1]["quiet"] is False  # the loader shows its bar only when stderr is a terminal
 
@@ -384,3 +384,11 @@ def test_interactive_set_and_messages_of_several_lines(work, pipe, loads, capsys
     second = pipe.chat(first_turn + [{"role": "assistant", "content": first}, user("Again?")],
                        **sampled | {"do_sample": False})
     assert captured.out == f"{first}\n{second}\n"
+
+
+def test_each_subcommand_has_its_own_default_model():
+    parser = cli.build_parser()
+    assert parser.parse_args(["chat"]).model == "Qwen/Qwen2-Audio-7B-Instruct"
+    assert parser.parse_args(["caption", "--audio", "x.wav"]).model == "Qwen/Qwen2-Audio-7B"
+    assert parser.parse_args(["transcribe", "x.wav"]).model == "Qwen/Qwen2-Audio-7B"
+    assert parser.parse_args(["chat"]).model == "Qwen/Qwen2-Audio-7B-Instruct"  # not changed by the others
