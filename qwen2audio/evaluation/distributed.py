@@ -51,6 +51,11 @@ def shard(n_items: int, rank: int, world: int) -> range:
     return range(begin, begin + size + (rank < extra))
 
 
+def barrier(ranks: Ranks) -> None:
+    if ranks.world > 1:
+        dist.barrier()
+
+
 def gather(obj: object, ranks: Ranks) -> list[object]:
     """Every rank's `obj`, in rank order, on every rank."""
     if ranks.world == 1:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .data import BadItem, Item, decode_audio, read_items, resolve_decoder
-from .distributed import Ranks, broadcast, gather, setup, shard, teardown
+from .distributed import Ranks, barrier, broadcast, gather, setup, shard, teardown
 from .errors import EvalError
 from .results import append_rows, format_table, part_path, previous_results, write_results, write_summary
 from .tasks import Task, asr_language, get_task
@@ -30,6 +30,7 @@ class Run:
     decoder: str
     batch_size: int
     max_new_tokens: int
+    model: str
     ranks: Ranks
     log: Callable[[str], None]
 
@@ -52,6 +53,8 @@ def evaluate(task: str, data: str | Path, model=None, out: str | Path | None = N
     spec = get_task(task)
     if batch_size is not None and batch_size < 1 or limit is not None and limit < 0 or max_new_tokens < 1:
         raise EvalError("batch_size and max_new_tokens must be >= 1 and limit >= 0")
+    if language and spec.name != "asr":
+        raise EvalError(f"language only applies to the asr task (its text normalisation), not to {spec.name}")
     ranks = setup(str(model.device) if hasattr(model, "generate") else device)
     log = (lambda text: None) if quiet or not ranks.is_main else _stderr
     data = Path(data)
@@ -59,7 +62,8 @@ def evaluate(task: str, data: str | Path, model=None, out: str | Path | None = N
     try:
         items, bad = _read(spec, data, audio_root, limit, log)
         run = Run(spec, data, out, asr_language(str(data), items, language) if spec.name == "asr" else None,
-                  resolve_decoder(audio_decoder), batch_size or spec.batch_size, max_new_tokens, ranks, log)
+                  resolve_decoder(audio_decoder), batch_size or spec.batch_size, max_new_tokens,
+                  str(getattr(model, "path", None) or model or spec.model), ranks, log)
         return _evaluate(run, items, bad, model, resume, dtype, load_options or {})
     finally:
         teardown(ranks)
@@ -85,9 +89,10 @@ def _read(task: Task, data: Path, audio_root, limit: int | None, log) -> tuple[l
 
 def _evaluate(run: Run, items: list[Item], bad: list[BadItem], model, resume: bool, dtype, load_options) -> list:
     done = previous_results(run.out, resume, {i.id for i in items}, run.log)
+    barrier(run.ranks)  # every rank has read the earlier results before any rank appends new ones
     todo = [i for i in items if i.id not in done]
     mine = [todo[k] for k in shard(len(todo), run.ranks.rank, run.ranks.world)]
-    pipe = model if hasattr(model, "generate") else _load(run, model, dtype, load_options) if mine else None
+    pipe = model if hasattr(model, "generate") else _load(run, dtype, load_options) if mine else None
     _header(run, pipe, len(items), len(done), len(bad))
     new_rows, failed = _generate(run, pipe, mine) if mine else ([], [])
     everything = gather((new_rows, failed), run.ranks)
@@ -97,11 +102,10 @@ def _evaluate(run: Run, items: list[Item], bad: list[BadItem], model, resume: bo
     return broadcast(summary, run.ranks)
 
 
-def _load(run: Run, model: str | Path | None, dtype: str | None, load_options: dict):
+def _load(run: Run, dtype: str | None, load_options: dict):
     import qwen2audio
 
-    path = model if model is not None else run.task.model
-    return qwen2audio.load(path, dtype=dtype, device=run.ranks.device, quiet=True, **load_options)
+    return qwen2audio.load(run.model, dtype=dtype, device=run.ranks.device, quiet=True, **load_options)
 
 
 def _header(run: Run, pipe, n_items: int, n_done: int, n_bad: int) -> None:
@@ -109,8 +113,8 @@ def _header(run: Run, pipe, n_items: int, n_done: int, n_bad: int) -> None:
     penalty = getattr(g, "repetition_penalty", "?")
     prompt = ("ChatML: system 'You are a helpful assistant.' + the item's query" if run.task.name == "chat"
               else "<|audio_bos|><|AUDIO|><|audio_eos|> + the item's prompt (base-model format)")
-    run.log(f"eval {run.task.name} on {run.data}: {n_items} items, {n_done} already done, {n_bad} bad skipped; "
-            f"results -> {run.out}")
+    run.log(f"eval {run.task.name} of {run.model} on {run.data}: {n_items} items, {n_done} already done, {n_bad} "
+            f"bad skipped; results -> {run.out}")
     run.log(f"decoding (official): {prompt}; greedy, max_new_tokens={run.max_new_tokens}, min_new_tokens=1, "
             f"repetition_penalty={penalty} and stop tokens from generation_config.json; left padding, batch size "
             f"{run.batch_size}; audio decoded by {run.decoder} at 16 kHz; {run.ranks.world} rank(s)"
@@ -169,7 +173,8 @@ def _finish(run: Run, items: list[Item], done: dict, bad: list[BadItem], everyth
         by_source.setdefault(row["source"], []).append(row)
     summary = [run.task.summarize(source, group) for source, group in by_source.items()]
     skipped = sorted(bad + failed, key=lambda b: b.line)
-    report = {"task": run.task.name, "data": str(run.data), "language": run.language, "decoder": run.decoder,
+    report = {"task": run.task.name, "data": str(run.data), "model": run.model, "language": run.language,
+              "decoder": run.decoder,
               "max_new_tokens": run.max_new_tokens, "batch_size": run.batch_size, "ranks": run.ranks.world,
               "bad_items": [str(b) for b in skipped], "summary": summary}
     write_summary(run.out, report)
