@@ -121,6 +121,16 @@ def test_reading_reports_bad_lines_with_file_and_line(asr_data):
     assert items[0].audio_path == str(asr_data.parent / "wav" / "0.wav")  # relative to the data file
 
 
+def test_chat_items_keep_their_ids_which_must_be_unique(speech):
+    query = "<|audio_bos|><|AUDIO|><|audio_eos|>What is it?"
+    data = write_jsonl(speech / "ids.jsonl", [{"audio": "wav/0.wav", "id": "a", "query": query},
+                                              {"audio": "wav/1.wav", "id": "a", "query": query},
+                                              {"audio": "wav/1.wav", "id": 7, "query": query}])
+    items, bad = read_items(data, "chat")
+    assert [i.id for i in items] == ["a", 7]
+    assert [str(b) for b in bad] == [f"{data}:2: id 'a' already used on line 1"]
+
+
 # ------------------------------------------------------------------------------------------------ prompts
 def test_prompts_and_inputs_as_the_official_scripts_build_them(pipe, model_dir, speech):
     data = write_jsonl(speech / "prompts.jsonl", asr_lines(2) + [
@@ -284,7 +294,8 @@ def test_torchrun_two_ranks_give_the_results_of_one_process(pipe, model_dir, spe
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(_free_port()), "-m", "qwen2audio", "eval", "--task", "asr", "--data", str(data),
                "--model", str(model_dir), "--dtype", "float32", "--device", "cpu", "--batch-size", "2",
-               "--max-new-tokens", "4", "--audio-decoder", "qwen2audio", "--quiet", "--out", str(tmp_path / "two.jsonl")]
+               "--max-new-tokens", "4", "--audio-decoder", "qwen2audio", "--quiet",
+               "--out", str(tmp_path / "two.jsonl")]
     two = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                          timeout=120)
     assert two.returncode == 0, two.stderr[-3000:]

@@ -28,7 +28,8 @@ def _at_least(minimum: int):
     return parse
 
 
-def add_parser(subparsers: argparse._SubParsersAction, common_parent: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_parser(subparsers: "argparse._SubParsersAction", common_parent: argparse.ArgumentParser
+               ) -> argparse.ArgumentParser:
     """Register `eval` with the main command; the shared options (model, dtype, device, ...) come from
     common_parent, copied so that eval's own defaults (no default model, 256 new tokens) leave the other
     commands' untouched."""
@@ -46,7 +47,7 @@ def add_parser(subparsers: argparse._SubParsersAction, common_parent: argparse.A
     g.add_argument("--out", metavar="FILE.jsonl", help="results file (default: DATA_STEM.TASK.jsonl here)")
     g.add_argument("--batch-size", type=_at_least(1), metavar="N",
                    help="items per generate call (default: the official launcher's: 20 for asr, else 8)")
-    g.add_argument("--limit", type=_at_least(0), metavar="N", help="only the first N items of the file")
+    g.add_argument("--limit", type=_at_least(1), metavar="N", help="only the first N items of the file")
     g.add_argument("--resume", action="store_true", help="keep the results already in --out, run the rest")
     g.add_argument("--language", help="asr: the language to normalise for (en, zh, yue, fr, ...); default: from "
                                       "the official file name, else from the <|xx|> tag ending the prompts")

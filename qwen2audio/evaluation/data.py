@@ -2,7 +2,8 @@
 
 ASR, S2TT, SER and VSC lines hold {"audio": PATH, "prompt": TEXT, "gt": REFERENCE, "source": NAME}; chat lines
 (AIR-Bench) hold {"audio": PATH, "id": ID, "query": TEXT}. A relative audio path is taken relative to the data
-file's folder (or to `audio_root` when given). An item's id is its "id" when it has one, else its line number.
+file's folder (or to `audio_root` when given). A chat item's id is its "id" (the judge joins on it); any other
+item's id is its line number (the official ASR, S2TT, SER and VSC scripts read no id).
 """
 
 import json
@@ -80,7 +81,7 @@ def read_items(path: str | Path, task: str, audio_root: str | Path | None = None
     """The good items (the first `limit` of them) and the bad lines of a data file, both in file order."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise EvalError(f"cannot read the data file {path}: {e}") from None
     folder = Path(audio_root) if audio_root is not None else path.parent
@@ -92,7 +93,7 @@ def read_items(path: str | Path, task: str, audio_root: str | Path | None = None
             continue
         try:
             row, audio = _parse_line(text, task, folder)
-            item_id = row.get("id", number)
+            item_id = row["id"] if task == "chat" else number
             if not isinstance(item_id, (str, int)) or isinstance(item_id, bool):
                 raise EvalError(f'"id" must be a string or an integer, got {type(item_id).__name__}')
             if item_id in seen:
@@ -101,8 +102,9 @@ def read_items(path: str | Path, task: str, audio_root: str | Path | None = None
             bad.append(BadItem(str(path), number, str(e)))
             continue
         seen[item_id] = number
-        items.append(Item(len(items), number, item_id, row["audio"], audio, row["query" if task == "chat" else "prompt"],
-                          None if task == "chat" else row["gt"], row.get("source", path.stem)))
+        prompt, reference = (row["query"], None) if task == "chat" else (row["prompt"], row["gt"])
+        items.append(Item(len(items), number, item_id, row["audio"], audio, prompt, reference,
+                          row.get("source", path.stem)))
     return items, bad
 
 

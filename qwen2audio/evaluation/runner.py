@@ -11,12 +11,16 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .data import BadItem, Item, decode_audio, read_items, resolve_decoder
 from .distributed import Ranks, barrier, broadcast, gather, setup, shard, teardown
 from .errors import EvalError
 from .results import append_rows, format_table, part_path, previous_results, write_results, write_summary
 from .tasks import Task, asr_language, get_task
+
+if TYPE_CHECKING:
+    from ..pipeline import Qwen2Audio
 
 OFFICIAL_MAX_NEW_TOKENS = 256
 
@@ -39,10 +43,11 @@ def _stderr(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def evaluate(task: str, data: str | Path, model=None, out: str | Path | None = None, *, batch_size: int | None = None,
-             limit: int | None = None, resume: bool = False, language: str | None = None,
-             audio_root: str | Path | None = None, audio_decoder: str = "auto",
-             max_new_tokens: int = OFFICIAL_MAX_NEW_TOKENS, dtype: str | None = None, device: str = "cpu",
+def evaluate(task: str, data: str | Path, model: "str | Path | Qwen2Audio | None" = None,
+             out: str | Path | None = None, *, batch_size: int | None = None, limit: int | None = None,
+             resume: bool = False, language: str | None = None, audio_root: str | Path | None = None,
+             audio_decoder: str = "auto", max_new_tokens: int = OFFICIAL_MAX_NEW_TOKENS, dtype: str | None = None,
+             device: str = "cpu",
              load_options: dict | None = None, quiet: bool = False) -> list[dict]:
     """Evaluate `model` (a folder, a Hub repo id, a loaded `qwen2audio.Qwen2Audio`, or None for the task's official
     checkpoint) on one official jsonl file; returns the summary rows {"source", "items", "metric", "value"}.
@@ -51,8 +56,9 @@ def evaluate(task: str, data: str | Path, model=None, out: str | Path | None = N
     OUT_STEM.summary.json. Under torchrun the items are sharded over the ranks; every rank returns the summary.
     """
     spec = get_task(task)
-    if batch_size is not None and batch_size < 1 or limit is not None and limit < 0 or max_new_tokens < 1:
-        raise EvalError("batch_size and max_new_tokens must be >= 1 and limit >= 0")
+    if any(v is not None and v < 1 for v in (batch_size, limit, max_new_tokens)):
+        raise EvalError(f"batch_size, limit and max_new_tokens must be >= 1, got {batch_size}, {limit}, "
+                        f"{max_new_tokens}")
     if language and spec.name != "asr":
         raise EvalError(f"language only applies to the asr task (its text normalisation), not to {spec.name}")
     ranks = setup(str(model.device) if hasattr(model, "generate") else device)
@@ -87,7 +93,8 @@ def _read(task: Task, data: Path, audio_root, limit: int | None, log) -> tuple[l
     return good, bad
 
 
-def _evaluate(run: Run, items: list[Item], bad: list[BadItem], model, resume: bool, dtype, load_options) -> list:
+def _evaluate(run: Run, items: list[Item], bad: list[BadItem], model, resume: bool, dtype: str | None,
+              load_options: dict) -> list[dict]:
     done = previous_results(run.out, resume, {i.id for i in items}, run.log)
     barrier(run.ranks)  # every rank has read the earlier results before any rank appends new ones
     todo = [i for i in items if i.id not in done]
@@ -105,7 +112,11 @@ def _evaluate(run: Run, items: list[Item], bad: list[BadItem], model, resume: bo
 def _load(run: Run, dtype: str | None, load_options: dict):
     import qwen2audio
 
-    return qwen2audio.load(run.model, dtype=dtype, device=run.ranks.device, quiet=True, **load_options)
+    pipe = qwen2audio.load(run.model, dtype=dtype, device=run.ranks.device, quiet=True, **load_options)
+    if pipe.processor is None:
+        raise EvalError(f"{run.model} has no tokenizer files (tokenizer.json, or vocab.json + merges.txt): copy them "
+                        "from the Hub repo into the model folder")
+    return pipe
 
 
 def _header(run: Run, pipe, n_items: int, n_done: int, n_bad: int) -> None:
