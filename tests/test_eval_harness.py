@@ -241,8 +241,8 @@ def test_other_tasks(pipe, speech, tmp_path):
               "source": "meld"} for i, g in enumerate(["neutral", "joy", "anger"])]
     data = write_jsonl(speech / "ser.jsonl", lines)
     options = dict(max_new_tokens=NEW_TOKENS, audio_decoder="qwen2audio", quiet=True)
-    (summary,) = evaluate("ser", data, pipe, tmp_path / "ser.jsonl", **options)
-    rows = read_results(tmp_path / "ser.jsonl")
+    (summary,) = evaluate("ser", data, pipe, tmp_path / "new" / "ser.jsonl", **dict(options, audio_decoder="ffmpeg"))
+    rows = read_results(tmp_path / "new" / "ser.jsonl")
     assert [r["score"] for r in rows] == [{"correct": r["reply"].lstrip() == r["reference"]} for r in rows]
     assert summary == {"source": "meld", "items": 3, "metric": "ACC",
                        "value": sum(r["score"]["correct"] for r in rows) / 3}

@@ -96,6 +96,7 @@ def _read(task: Task, data: Path, audio_root, limit: int | None, log) -> tuple[l
 def _evaluate(run: Run, items: list[Item], bad: list[BadItem], model, resume: bool, dtype: str | None,
               load_options: dict) -> list[dict]:
     done = previous_results(run.out, resume, {i.id for i in items}, run.log)
+    run.out.parent.mkdir(parents=True, exist_ok=True)
     barrier(run.ranks)  # every rank has read the earlier results before any rank appends new ones
     todo = [i for i in items if i.id not in done]
     mine = [todo[k] for k in shard(len(todo), run.ranks.rank, run.ranks.world)]
