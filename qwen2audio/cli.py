@@ -5,6 +5,7 @@
     qwen2audio chat                                            an interactive session (/audio PATH, /set, /exit)
     qwen2audio caption --audio clip.wav                        the base model's caption
     qwen2audio transcribe speech.wav --language en             speech to text (the base model's ASR prompt)
+    qwen2audio eval --task asr --data librispeech_eval.jsonl   an official benchmark, scored the official way
 
 Errors a user can cause print one line `error: ...` on stderr and exit non-zero; --debug shows the traceback.
 """
@@ -121,6 +122,9 @@ def _add_subcommands(sub: argparse._SubParsersAction) -> None:
     transcribe.add_argument("--language", metavar="CODE", help="the spoken language, e.g. en, zh, yue, fr "
                                                                "(default: the model detects it)")
     transcribe.add_argument("-o", "--output-dir", metavar="DIR", help="write one DIR/NAME.txt per input instead")
+    from .evaluation.cli import add_parser as add_eval_parser
+
+    add_eval_parser(sub, common_options())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,6 +163,10 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.device = str(resolve_device(args.device))  # a device torch cannot use is an error before any file is read
+    if args.command == "eval":
+        from .evaluation.cli import run as run_eval
+
+        return run_eval(args)
     paths = args.files if args.command == "transcribe" else args.audio
     if paths.count("-") > 1:
         raise InputError("'-' (stdin) can be given as audio once only")

@@ -83,7 +83,7 @@ class Qwen2Audio:
 
     def __init__(self, model: Qwen2AudioForConditionalGeneration, path: Path,
                  generation_config: GenerationConfig | None, processor: Processor | None = None) -> None:
-        self.model = model.eval()  # no dropout in Qwen2-Audio; eval() only states that this is for inference
+        self._model = model.eval()  # no dropout in Qwen2-Audio; eval() only states that this is for inference
         self.config: Qwen2AudioConfig = model.cfg
         self.path = path
         self.generation_config = generation_config or GenerationConfig()
@@ -97,16 +97,24 @@ class Qwen2Audio:
 
     @property
     def device(self) -> torch.device:
-        return self.model.device
+        return self._model.device
+
+    @property
+    def model(self) -> Qwen2AudioForConditionalGeneration:
+        """The model, once its weights are in memory of their own: load() may still be moving them there in the
+        background (resident.py), and an edit made before the move would be lost, so this waits for it (a few
+        seconds after load() at most). The pipeline's own generation does not wait."""
+        self.wait_until_ready()
+        return self._model
 
     def wait_until_ready(self, timeout: float | None = None) -> bool:
         """Wait until the weights are in memory of their own (load() moves them there in the background); False
-        if the timeout passed first. Needed only before editing weights in place, or to time steady decoding."""
+        if the timeout passed first. `pipe.model` waits for this; generation does not need to."""
         return self.moving is None or self.moving.wait(timeout)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.dtype
+        return self._model.dtype
 
     # -- options --------------------------------------------------------------------------------------------------
 
@@ -148,7 +156,7 @@ class Qwen2Audio:
         if cache is None or cache.max_seq_len < length:  # grow with room for the turns to come
             limit = self.config.text_config.max_position_embeddings
             size = min(max(length, 2 * (cache.max_seq_len if cache else 0)), limit)
-            cache = cache.grown(size, cached) if cache is not None and cached else self.model.new_cache(rows, size)
+            cache = cache.grown(size, cached) if cache is not None and cached else self._model.new_cache(rows, size)
         skip = sum(1 for start, _ in spans if start < cached)  # windows the cache holds: not encoded again
         rest = {k: v[skip:] if skip < len(spans) else None for k, v in batch.items()
                 if k in ("input_features", "feature_attention_mask")}
@@ -175,11 +183,11 @@ class Qwen2Audio:
         """Yield (tokens (B,), live (B,)) per step, as `generate.generate_stream`; records timings in
         `last_stats` (with the prompt tokens taken from an earlier turn's cache, `cached_tokens`)."""
         options = options or self.options()
-        batch = {"input_ids": self.model.check_ids(input_ids), "attention_mask": attention_mask,
+        batch = {"input_ids": self._model.check_ids(input_ids), "attention_mask": attention_mask,
                  "input_features": input_features, "feature_attention_mask": feature_attention_mask}
         cache, cached, inputs = self._take_cache(batch, input_ids.shape[-1] + options.max_new_tokens)
         start, first, tokens = time.perf_counter(), 0.0, []
-        for step in generate_stream(self.model, **inputs, options=options, cache=cache, decode_fn=self.decode_fn,
+        for step in generate_stream(self._model, **inputs, options=options, cache=cache, decode_fn=self.decode_fn,
                                     cached=cached):
             first = first or time.perf_counter() - start
             tokens.append(step[0])
@@ -282,7 +290,8 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
 
     On CPU, weights kept in the file's dtype end in memory of their own on huge pages (fastest decoding). By default
     (mmap=None, no quantize) the files are mapped, load() returns at once, and the weights move into that memory in
-    the background while the first answer is computed (resident.py; `pipe.wait_until_ready()` waits for it).
+    the background while the first answer is computed (resident.py; `pipe.model` and `pipe.wait_until_ready()`
+    wait for it).
     mmap=False reads them before returning; mmap=True keeps them mapped (decoding is slower, and the files must
     not change while the model lives).
     """

@@ -10,7 +10,7 @@ attribute, swapped under the GIL; no tensor is changed in place), both hold the 
 took the old Parameter keeps reading it, and the file mappings stay open for the model's lifetime, so the old
 memory never goes away under a reader; its pages are only given back to the page cache (MADV_DONTNEED), from which
 a late reader would fault them in again, unchanged. An in-place edit of a weight made before the move would be
-lost, so edits wait for `ready` (`Qwen2Audio.wait_until_ready()`); `load_model()` reads before returning.
+lost, so `Qwen2Audio.model`, the way to the weights from outside, waits for `ready`.
 """
 
 import mmap
