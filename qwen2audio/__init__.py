@@ -6,7 +6,8 @@ from .errors import AudioError, ConfigError, InputError, Qwen2AudioError, Weight
 from .convert import convert, save
 from .model import Qwen2AudioForConditionalGeneration
 from .pipeline import Qwen2Audio, load, load_model
-from .processor import Processor, apply_chat_template
+from .chat_template import apply_chat_template
+from .processor import Processor
 from .tokenizer import Tokenizer
 
 __all__ = ["AudioConfig", "AudioError", "ConfigError", "GenerationConfig", "InputError", "Processor", "Qwen2Audio",

@@ -7,8 +7,7 @@ switches them on, small size and duration caps. Every refusal is an AudioError n
 
 import base64
 import binascii
-import http
-import http.client
+import http.client  # also makes http.HTTPStatus available
 import os
 import socket
 import ssl

@@ -42,6 +42,14 @@ class KVCache:
         view.values = [v[start:stop] for v in self.values]
         return view
 
+    def grown(self, max_seq_len: int, keep: int) -> "KVCache":
+        """A longer cache of the same rows holding this one's first `keep` slots (a conversation outgrew it)."""
+        k = self.keys[0] if self.keys else None
+        bigger = KVCache(len(self.keys), self.batch_size, k.shape[1], max_seq_len, k.shape[3], k.dtype, k.device)
+        for old, new in zip(self.keys + self.values, bigger.keys + bigger.values):
+            new[:, :, :keep] = old[:, :, :keep]
+        return bigger
+
     def layer(self, index: int) -> tuple[Tensor, Tensor]:
         """(keys, values) of one decoder layer, which its attention writes in place."""
         return self.keys[index], self.values[index]

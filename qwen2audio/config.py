@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import is_folder, present, read_json_file
+from .files import is_folder, present, read_json_file
 from .errors import ConfigError
 
 

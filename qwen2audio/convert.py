@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .checkpoint import is_folder, read_json_file
+from .files import is_folder, read_json_file
 from .convert_plan import plan_jobs
 from .config import Qwen2AudioConfig
 from .errors import ConfigError, WeightsError

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .errors import InputError
+
 SAMPLE_RATE = 16000
 N_FFT = 400  # 25 ms window
 HOP_LENGTH = 160  # 10 ms hop
@@ -90,18 +92,28 @@ def log_mel_spectrogram(waveforms: Tensor, n_mels: int = N_MELS) -> Tensor:
     return (log_spec + 4.0) / 4.0
 
 
-def extract_features(waveforms: list[Tensor | np.ndarray], device: str | torch.device = "cpu") -> tuple[Tensor, Tensor]:
+def extract_features(waveforms: list | Tensor | np.ndarray, device: str | torch.device = "cpu") -> tuple[Tensor, Tensor]:
     """Mono 16 kHz clips -> (input_features (B, 128, 3000) float32, feature_attention_mask (B, 3000) int32).
 
-    Clips longer than 30 s are cut to their first 30 s (the reference behaviour).
+    `waveforms` is a list of clips (1-D arrays, tensors or lists of samples), or one clip given bare (a 1-D array
+    or tensor, or a list of numbers), as transformers' feature extractor takes them. Clips longer than 30 s are cut
+    to their first 30 s (the reference behaviour).
     """
+    if isinstance(waveforms, (np.ndarray, Tensor)) and waveforms.ndim == 1 or \
+            isinstance(waveforms, (list, tuple)) and waveforms and isinstance(waveforms[0], (int, float, np.number)):
+        waveforms = [waveforms]  # one clip, given bare
     if len(waveforms) == 0:
-        raise ValueError("extract_features needs at least one clip")
+        raise InputError("extract_features needs at least one clip")
     padded, lengths = [], []
-    for w in waveforms:
-        w = torch.as_tensor(w).to(dtype=torch.float32, device=device)
+    for i, w in enumerate(waveforms):
+        try:
+            w = torch.as_tensor(np.asarray(w, dtype=np.float32) if isinstance(w, (list, tuple)) else w)
+        except (TypeError, ValueError):
+            raise InputError(f"clip {i} is not a sequence of numbers") from None
+        w = w.to(dtype=torch.float32, device=device)
         if w.ndim != 1:
-            raise ValueError(f"expected a mono 1-D waveform, got shape {tuple(w.shape)}; average the channels first")
+            raise InputError(f"clip {i} has shape {tuple(w.shape)}; each clip must be mono and 1-D (a list of clips, "
+                             "each a 1-D array of samples): average the channels of a stereo clip")
         padded.append(pad_or_trim(w))
         lengths.append(num_frames(w.shape[0]))
     features = log_mel_spectrogram(torch.stack(padded))

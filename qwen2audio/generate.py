@@ -161,16 +161,18 @@ def sample(scores: Tensor, generator: torch.Generator | None) -> Tensor:
 
 
 def prefill(model: Qwen2AudioForConditionalGeneration, input_ids: Tensor, slot_mask: Tensor, cache: KVCache,
-            input_features: Tensor | None = None, feature_attention_mask: Tensor | None = None) -> Tensor:
-    """Write the prompt (B, T) into cache slots 0..T-1; returns the last position's logits (B, V) in fp32.
+            input_features: Tensor | None = None, feature_attention_mask: Tensor | None = None,
+            start: int = 0) -> Tensor:
+    """Write prompt tokens (B, n) into cache slots start..start+n-1 (slots 0..start-1 hold the prompt's beginning
+    already); returns the last position's logits (B, V) in fp32. The audio given is that of these n tokens.
 
     slot_mask (B, max_seq_len) marks real tokens per cache slot: the prompt's attention_mask, then ones.
     """
-    T = input_ids.shape[1]
-    x = model.embed(input_ids, input_features, feature_attention_mask)  # (B, T, hidden)
-    input_pos = torch.arange(T, device=x.device).expand(x.shape[0], T)  # (B, T): every row from slot 0
-    mask = causal_padding_mask(slot_mask, input_pos, slot_mask.shape[1])  # (B, 1, T, max_seq_len)
-    positions = positions_from_mask(slot_mask[:, :T])
+    T = start + input_ids.shape[1]
+    x = model.embed(input_ids, input_features, feature_attention_mask)  # (B, n, hidden)
+    input_pos = torch.arange(start, T, device=x.device).expand(x.shape[0], -1)  # (B, n): the same slots per row
+    mask = causal_padding_mask(slot_mask, input_pos, slot_mask.shape[1])  # (B, 1, n, max_seq_len)
+    positions = positions_from_mask(slot_mask[:, :T])[:, start:]
     return model.forward_cached(x, positions, cache, input_pos, mask)[:, -1].float()
 
 
@@ -183,9 +185,13 @@ def decode_step(model: Qwen2AudioForConditionalGeneration, token_ids: Tensor, po
 
 
 def check_prompt(model: Qwen2AudioForConditionalGeneration, input_ids: Tensor, attention_mask: Tensor | None,
-                 max_new_tokens: int) -> Tensor:
-    """The attention mask (ones when None), after checking that the prompt is a left-padded batch that fits."""
-    B, T = input_ids.shape
+                 o: GenerationOptions) -> Tensor:
+    """The attention mask (ones when None), after checking that the prompt is a left-padded batch that fits and
+    that the options' token ids exist."""
+    B, T, max_new_tokens, vocab = *input_ids.shape, o.max_new_tokens, model.cfg.text_config.vocab_size
+    if any(i >= vocab for i in o.eos_token_ids) or o.pad_token_id >= vocab:
+        raise InputError(f"eos_token_ids {o.eos_token_ids} and pad_token_id {o.pad_token_id} must be below the "
+                         f"vocabulary size {vocab}")
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     if not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape:
         raise InputError(f"attention_mask must be a tensor of input_ids' shape {(B, T)}, got "
@@ -203,28 +209,31 @@ def check_prompt(model: Qwen2AudioForConditionalGeneration, input_ids: Tensor, a
 def generate_stream(model: Qwen2AudioForConditionalGeneration, input_ids: Tensor, attention_mask: Tensor | None = None,
                     input_features: Tensor | None = None, feature_attention_mask: Tensor | None = None,
                     options: GenerationOptions = GenerationOptions(), *, cache: KVCache | None = None,
-                    decode_fn: Callable[..., Tensor] | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+                    decode_fn: Callable[..., Tensor] | None = None, cached: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield (tokens (B,), live (B,) bool) at each step: every row's next token, and whether the row was still
-    generating (a row that has stopped gets pad_token_id). See `generate`."""
+    generating (a row that has stopped gets pad_token_id). See `generate`.
+
+    cached > 0: the cache holds the keys and values of the prompt's first `cached` tokens already (an earlier turn
+    of the conversation); only the rest is prefilled, and the audio given is that of the rest.
+    """
     o = options
     input_ids = model.check_ids(input_ids).to(model.device)
-    attention_mask = check_prompt(model, input_ids, attention_mask, o.max_new_tokens)
+    attention_mask = check_prompt(model, input_ids, attention_mask, o)
     B, T = input_ids.shape
-    if cache is None or cache.batch_size != B or cache.max_seq_len < T + o.max_new_tokens:
-        cache = model.new_cache(B, T + o.max_new_tokens)
+    fits = cache is not None and cache.batch_size == B and cache.max_seq_len >= T + o.max_new_tokens
+    if cached and not (fits and 0 < cached < T):
+        raise InputError(f"cached={cached} needs the cache holding those tokens, with room for the prompt ({T}) and "
+                         f"max_new_tokens ({o.max_new_tokens}), and at least one token after them")
+    cache = cache if fits else model.new_cache(B, T + o.max_new_tokens)
     S, device = cache.max_seq_len, input_ids.device
     # (B, S): the prompt's padding by slot; every slot after the prompt holds a real (generated) token.
     slot_mask = torch.cat([attention_mask.bool(), attention_mask.new_ones(B, S - T, dtype=torch.bool)], dim=1)
-    vocab = model.cfg.text_config.vocab_size
-    if any(i >= vocab for i in o.eos_token_ids) or o.pad_token_id >= vocab:
-        raise InputError(f"eos_token_ids {o.eos_token_ids} and pad_token_id {o.pad_token_id} must be below the "
-                         f"vocabulary size {vocab}")
     eos_ids = torch.tensor(o.eos_token_ids, dtype=torch.long, device=device)
     # parity: transformers samples from the global RNG; on CPU a generator seeded with s draws exactly what
     # torch.manual_seed(s) would, so seeded runs reproduce its samples.
     generator = None if o.seed is None else torch.Generator(device=device).manual_seed(o.seed)
 
-    logits = prefill(model, input_ids, slot_mask, cache, input_features, feature_attention_mask)
+    logits = prefill(model, input_ids[:, cached:], slot_mask, cache, input_features, feature_attention_mask, cached)
     seen = seen_token_mask(input_ids, attention_mask, logits.shape[-1])  # for the repetition penalty
     next_position = attention_mask.long().sum(-1, keepdim=True)  # (B, 1): real tokens so far
     live = torch.ones(B, dtype=torch.bool, device=device)

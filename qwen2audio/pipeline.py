@@ -14,68 +14,28 @@ import torch
 from torch import Tensor
 
 from .cache import KVCache
-from .checkpoint import is_folder, mapped_files, present
+from .checkpoint import mapped_files
+from .files import present
 from .config import GenerationConfig, Qwen2AudioConfig
-from .errors import InputError, WeightsError
+from .errors import WeightsError
 from .generate import GenerationOptions, decode_step, generate_stream
 from .kernels.cpu import use_cpu_gemv
-from .memory import check_cache_fits, check_model_fits
+from .memory import check_cache_fits
 from .model import Qwen2AudioForConditionalGeneration
-from .pipeline_checks import (check_audio_list, check_generate_inputs, check_load_args, check_loaded,
-                              check_single)
-from .processor import Message, Processor, apply_chat_template, as_conversations, conversation_audios
+from .chat_template import Message, apply_chat_template, as_conversations, conversation_audios
+from .pipeline_checks import (check_audio_list, check_fits, check_generate_inputs, check_load_args, check_loaded,
+                              check_single, resolve_device, resolve_model_path)
+from .prefix import CachedPrefix, reusable_length, window_spans
+from .processor import Processor, load_clips
+from .resident import MoveIntoMemory
 from .quantize import check_quantize
 from .tokenizer import Tokenizer
-from .checkpoint import MODEL_FILES
-from .weights import is_int8_checkpoint, load_weights, parse_dtype
+from .weights import load_weights
 
 # Used when a checkpoint's generation_config.json names no eos: Instruct replies end with <|im_end|>.
 FALLBACK_EOS = (151645, 151643)
 DEFAULT_MAX_NEW_TOKENS = 512
-
-
-def resolve_model_path(path_or_repo_id: str | Path, quiet: bool = False) -> Path:
-    """A local folder as it is; otherwise a Hub repo id, fetched (only the files the model needs) into the HF cache."""
-    path = Path(path_or_repo_id).expanduser()
-    if is_folder(path):
-        return path
-    name = str(path_or_repo_id)
-    if present(path) or name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise WeightsError(f"model {name!r} is neither a folder nor a Hub repo id like 'Qwen/Qwen2-Audio-7B-Instruct'")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
-
-    try:
-        if quiet:
-            disable_progress_bars()
-        return Path(snapshot_download(name, allow_patterns=MODEL_FILES))
-    except Exception as e:
-        raise WeightsError(f"could not fetch {name!r} from the Hugging Face Hub ({type(e).__name__}: {e}). Without "
-                           "network, download the repo elsewhere and pass its local folder as the model path") from None
-    finally:
-        if quiet:
-            enable_progress_bars()
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """The device to load on: "auto" picks cuda, then mps, then cpu; a device this torch build and machine cannot
-    use is an InputError before any weight is read."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise InputError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
-    available = {"cuda": torch.cuda.is_available, "mps": _mps_available}.get(device.type, lambda: True)
-    if not available():
-        raise InputError(f"device {str(device)!r} is not available on this machine (this torch is "
-                         f"{torch.__version__}); use the CPU (device='cpu', --device cpu) or install a torch build for "
-                         "that device")
-    return device
-
-
-def _mps_available() -> bool:
-    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+IDLE_CACHES = 2  # caches kept for reuse between generations (each holds one conversation's prefix, or a batch)
 
 
 class Qwen2Audio:
@@ -83,7 +43,7 @@ class Qwen2Audio:
 
     def __init__(self, model: Qwen2AudioForConditionalGeneration, path: Path,
                  generation_config: GenerationConfig | None, processor: Processor | None = None) -> None:
-        self.model = model.eval()  # no dropout in Qwen2-Audio; eval() only states that this is for inference
+        self._model = model.eval()  # no dropout in Qwen2-Audio; eval() only states that this is for inference
         self.config: Qwen2AudioConfig = model.cfg
         self.path = path
         self.generation_config = generation_config or GenerationConfig()
@@ -91,18 +51,31 @@ class Qwen2Audio:
         self.tokenizer: Tokenizer | None = processor.tokenizer if processor else None
         self.decode_fn = decode_step  # replaced by a compiled version with load(compile=True)
         self.last_stats: dict[str, float] | None = None  # timings of the last generation that finished
-        self._idle_caches: list[KVCache] = []  # caches no generation holds now, reused by the next ones
+        self._idle: list[tuple[KVCache, CachedPrefix | None]] = []  # caches no generation holds, with their content
         self._lock = threading.Lock()  # guards the pool only; generations run concurrently
-        self._mapped = mapped_files(list(model.state_dict().values()))  # mmap=True: checked before each generation
+        self.moving: MoveIntoMemory | None = None  # weights still moving from the mapped files (see load())
         check_loaded(self)
 
     @property
     def device(self) -> torch.device:
-        return self.model.device
+        return self._model.device
+
+    @property
+    def model(self) -> Qwen2AudioForConditionalGeneration:
+        """The model, once its weights are in memory of their own: load() may still be moving them there in the
+        background (resident.py), and an edit made before the move would be lost, so this waits for it (a few
+        seconds after load() at most). The pipeline's own generation does not wait."""
+        self.wait_until_ready()
+        return self._model
+
+    def wait_until_ready(self, timeout: float | None = None) -> bool:
+        """Wait until the weights are in memory of their own (load() moves them there in the background); False
+        if the timeout passed first. `pipe.model` waits for this; generation does not need to."""
+        return self.moving is None or self.moving.wait(timeout)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.dtype
+        return self._model.dtype
 
     # -- options --------------------------------------------------------------------------------------------------
 
@@ -126,40 +99,71 @@ class Qwen2Audio:
 
     # -- token level ------------------------------------------------------------------------------------------------
 
-    def _take_cache(self, batch_size: int, length: int) -> KVCache:
-        with self._lock:
-            for cache in self._idle_caches:
-                if cache.batch_size == batch_size and cache.max_seq_len >= length:
-                    self._idle_caches.remove(cache)
-                    return cache
-        check_cache_fits(self.config, batch_size, length, self.model.dtype, self.device)
-        return self.model.new_cache(batch_size, length)
+    def _take_cache(self, batch: dict, length: int) -> tuple[KVCache, int, dict]:
+        """A cache for this batch, the number of prompt tokens it holds already, and the model inputs to give
+        `generate_stream` (for a reused prefix, the audio of the rest of the prompt only).
 
-    def _give_back(self, cache: KVCache) -> None:
+        One-row prompts reuse the idle cache that shares the longest prefix with them (the previous turn of the
+        conversation), grown when it is too short; a batch gets an idle cache of its size, or a new one."""
+        ids, rows, mask = batch["input_ids"], batch["input_ids"].shape[0], batch["attention_mask"]
+        rows = rows if rows > 1 or mask is None or bool(mask.all()) else -1  # no reuse for a padded single row
+        spans = window_spans(ids[0], self.config.audio_token_index, batch.get("feature_attention_mask")) \
+            if rows == 1 else []
+        with self._lock:
+            scored = [(reusable_length(prefix, ids[0], spans, batch.get("input_features")) if rows == 1 else 0, i)
+                      for i, (cache, prefix) in enumerate(self._idle) if cache.batch_size == rows]
+            cached, index = max(scored, default=(0, None))
+            cache = self._idle.pop(index)[0] if index is not None else None
+        rows = ids.shape[0]
+        if cache is None or cache.max_seq_len < length:  # grow with room for the turns to come
+            limit = self.config.text_config.max_position_embeddings
+            size = min(max(length, 2 * (cache.max_seq_len if cache else 0)), limit)
+            check_cache_fits(self.config, rows, size, self.dtype, self.device)
+            cache = cache.grown(size, cached) if cache is not None and cached else self._model.new_cache(rows, size)
+        skip = sum(1 for start, _ in spans if start < cached)  # windows the cache holds: not encoded again
+        rest = {k: v[skip:] if skip < len(spans) else None for k, v in batch.items()
+                if k in ("input_features", "feature_attention_mask")}
+        return cache, cached, {**batch, **rest} if cached else batch
+
+    def _give_back(self, cache: KVCache, batch: dict, tokens: list[Tensor]) -> None:
+        """Keep the cache for the next generation, with what it holds when it is one row: the prompt and every
+        generated token but the last (which was never fed back)."""
+        prefix = None
+        mask = batch["attention_mask"]
+        if cache.batch_size == 1 and tokens and (mask is None or bool(mask.all())):
+            fed = torch.tensor([int(t) for t in tokens[:-1]], dtype=torch.long, device=batch["input_ids"].device)
+            ids = torch.cat([batch["input_ids"][0], fed])
+            spans = window_spans(batch["input_ids"][0], self.config.audio_token_index,
+                                 batch.get("feature_attention_mask"))
+            prefix = CachedPrefix(ids, [(start, batch["input_features"][i]) for i, (start, n) in enumerate(spans)
+                                        if n])
         with self._lock:  # keep the last few, so a chat does not allocate its cache again every turn
-            self._idle_caches = [cache] + self._idle_caches[:1]
+            self._idle = [(cache, prefix)] + self._idle[:IDLE_CACHES - 1]
 
     def generate_stream(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                         input_features: Tensor | None = None, feature_attention_mask: Tensor | None = None,
                         options: GenerationOptions | None = None) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield (tokens (B,), live (B,)) per step, as `generate.generate_stream`; records timings in
-        `last_stats`."""
+        `last_stats` (with the prompt tokens taken from an earlier turn's cache, `cached_tokens`)."""
         options = options or self.options()
-        check_generate_inputs(self.model, input_ids, input_features, feature_attention_mask)
-        for mapped in self._mapped:
+        check_generate_inputs(self._model, input_ids, input_features, feature_attention_mask)
+        for mapped in mapped_files(list(self._model.state_dict().values())):  # load(mmap=True): files unchanged?
             mapped.check()
-        cache = self._take_cache(*input_ids.shape[:1], input_ids.shape[-1] + options.max_new_tokens)
-        start, first, steps = time.perf_counter(), 0.0, 0
-        for step in generate_stream(self.model, input_ids, attention_mask, input_features, feature_attention_mask,
-                                    options, cache=cache, decode_fn=self.decode_fn):
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask,
+                 "input_features": input_features, "feature_attention_mask": feature_attention_mask}
+        cache, cached, inputs = self._take_cache(batch, input_ids.shape[-1] + options.max_new_tokens)
+        start, first, tokens = time.perf_counter(), 0.0, []
+        for step in generate_stream(self._model, **inputs, options=options, cache=cache, decode_fn=self.decode_fn,
+                                    cached=cached):
             first = first or time.perf_counter() - start
-            steps += 1
+            tokens.append(step[0])
             yield step
-        self._give_back(cache)  # not reached when the caller abandons the stream: that cache is simply dropped
+        self._give_back(cache, batch, tokens)  # not reached when the caller abandons the stream: it is dropped
         total = time.perf_counter() - start
-        decode_tps = (steps - 1) / (total - first) if steps > 1 and total > first else 0.0
-        self.last_stats = {"time_to_first_token_s": round(first, 4), "new_tokens": steps,
-                           "decode_tokens_per_s": round(decode_tps, 2), "generate_s": round(total, 4)}
+        decode_tps = (len(tokens) - 1) / (total - first) if len(tokens) > 1 and total > first else 0.0
+        self.last_stats = {"time_to_first_token_s": round(first, 4), "new_tokens": len(tokens),
+                           "decode_tokens_per_s": round(decode_tps, 2), "generate_s": round(total, 4),
+                           "cached_tokens": cached}
 
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, input_features: Tensor | None = None,
                  feature_attention_mask: Tensor | None = None, **options) -> Tensor:
@@ -174,10 +178,7 @@ class Qwen2Audio:
     def inputs(self, prompts: str | list[str], audio: Sequence | None = None,
                long_audio: str = "truncate") -> dict[str, Tensor]:
         """Prompt text(s) with <|AUDIO|> placeholders + audio (paths, URLs, bytes or 16 kHz arrays) -> model inputs."""
-        from .audio import load_audio
-
-        # Arrays and tensors in conversations are taken to be 16 kHz; files are decoded and resampled.
-        clips = [load_audio(a, None if isinstance(a, (str, Path, bytes)) else 16000) for a in check_audio_list(audio)]
+        clips = load_clips(check_audio_list(audio))
         return self._require_processor()(prompts, audio=clips or None, long_audio=long_audio,
                                          max_tokens=self.config.text_config.max_position_embeddings)
 
@@ -240,38 +241,46 @@ def load_model(path: str | Path, model: torch.nn.Module | None = None, dtype: st
     check_quantize(quantize)
     device = resolve_device(device)
     folder = resolve_model_path(path, quiet=quiet)
-    config = Qwen2AudioConfig.from_file(folder)
-    if not (mmap and device.type == "cpu" and dtype is None and quantize is None):  # mapped pages can be evicted
-        check_model_fits(config, parse_dtype(dtype), device, quantize == "int8" or is_int8_checkpoint(folder, False),
-                         folder / "config.json")
-    return load_weights(folder, config=config, dtype=dtype, device=device, progress=not quiet, quantize=quantize,
-                        map_files=mmap, model=model, allow_missing=tuple(allow_missing))
+    check_fits(folder, dtype, device, quantize, mapped=mmap)
+    return load_weights(folder, dtype=dtype, device=device, progress=not quiet, quantize=quantize, map_files=mmap,
+                        model=model, allow_missing=tuple(allow_missing))
 
 
 def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
          quantize: str | None = None, compile: bool = False, cpu_gemv: bool | None = None,
-         quiet: bool = False, mmap: bool = False) -> Qwen2Audio:
+         quiet: bool = False, mmap: bool | None = None) -> Qwen2Audio:
     """Load a Qwen2-Audio checkpoint folder (or Hub repo id). dtype=None keeps the checkpoint's dtype.
 
     quantize="int8" loads the decoder's linear layers as weight-only int8, quantized as they are read (the
     full-precision decoder is never in memory); compile=True compiles the single-token decode step with
     torch.compile (CUDA graphs on CUDA). cpu_gemv (default: on for CPU) runs decoder products of a few rows with
     weight-streaming kernels (kernels/cpu.py): matrix-vector products, and for int8 a C++ kernel built on first
-    use on CPUs with AVX-512 VNNI (torch's own int8 kernel otherwise). On CPU, weights kept in the file's dtype
-    are read into memory on huge pages (fastest decoding); mmap=True maps the files instead (load() returns at
-    once, decoding is slower; see weights.load_weights): the files must not change while the model is in use (a
-    file truncated under the mapping kills the process with SIGBUS when read); each generation first checks the
-    mapped files' sizes and modification times and raises a WeightsError if one changed.
+    use on CPUs with AVX-512 VNNI (torch's own int8 kernel otherwise).
+
+    On CPU, weights kept in the file's dtype end in memory of their own on huge pages (fastest decoding). By default
+    (mmap=None, no quantize) the files are mapped, load() returns at once, and the weights move into that memory in
+    the background while the first answer is computed (resident.py; `pipe.model` and `pipe.wait_until_ready()`
+    wait for it).
+    mmap=False reads them before returning; mmap=True keeps them mapped (decoding is slower, and the files must
+    not change while the model lives: a file truncated under the mapping kills the process with SIGBUS when read;
+    each generation first checks the sizes and modification times of the files it still maps, a WeightsError if
+    one changed).
     """
     check_load_args(path, dtype, compile=compile, cpu_gemv=cpu_gemv, quiet=quiet, mmap=mmap)
+    check_quantize(quantize)
     device = resolve_device(device)
     folder = resolve_model_path(path, quiet=quiet)
-    model = load_model(folder, dtype=dtype, device=device, quantize=quantize, mmap=mmap, quiet=quiet)
+    check_fits(folder, dtype, device, quantize, mapped=bool(mmap))
+    mapped: list = []
+    background = mmap is None and quantize is None  # an int8 decoder is read anyway: then read all of it
+    model = load_weights(folder, dtype=dtype, device=device, progress=not quiet, quantize=quantize,
+                         map_files=bool(mmap) or background, mapped=mapped if background else None)
     if cpu_gemv if cpu_gemv is not None else device.type == "cpu":
         use_cpu_gemv(model, verbose=not quiet)
     has_tokenizer = present(folder / "tokenizer.json") or present(folder / "vocab.json")
     processor = Processor.from_folder(folder) if has_tokenizer else None
     pipe = Qwen2Audio(model, folder, GenerationConfig.from_file(folder), processor)
+    pipe.moving = MoveIntoMemory(model, mapped)  # `ready` at once when nothing was mapped
     if compile:
         mode = "reduce-overhead" if pipe.device.type == "cuda" else None  # CUDA graphs need fixed shapes: we have them
         pipe.decode_fn = torch.compile(decode_step, mode=mode, fullgraph=True, dynamic=False)

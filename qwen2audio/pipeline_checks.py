@@ -1,5 +1,6 @@
-"""The checks at the pipeline's public entry points, each done once: load()'s arguments, what a loaded folder
-declares (generation defaults and tokenizer against the model), and the tensors given to generate()."""
+"""The checks at the pipeline's public entry points, each done once: load()'s arguments (the model path or Hub repo
+id, the device, the memory the model needs), what a loaded folder declares (generation defaults and tokenizer
+against the model), and the tensors given to generate()."""
 
 import os
 from collections.abc import Sequence
@@ -8,8 +9,57 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .errors import ConfigError, InputError
+from .checkpoint import MODEL_FILES
+from .config import Qwen2AudioConfig
+from .errors import ConfigError, InputError, WeightsError
+from .files import is_folder, present
+from .memory import check_model_fits
 from .model import Qwen2AudioForConditionalGeneration
+from .weights import is_int8_checkpoint, parse_dtype
+
+
+def resolve_model_path(path_or_repo_id: str | Path, quiet: bool = False) -> Path:
+    """A local folder as it is; otherwise a Hub repo id, fetched (only the files the model needs) into the HF cache."""
+    path = Path(path_or_repo_id).expanduser()
+    if is_folder(path):
+        return path
+    name = str(path_or_repo_id)
+    if present(path) or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise WeightsError(f"model {name!r} is neither a folder nor a Hub repo id like 'Qwen/Qwen2-Audio-7B-Instruct'")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+    try:
+        if quiet:
+            disable_progress_bars()
+        return Path(snapshot_download(name, allow_patterns=MODEL_FILES))
+    except Exception as e:
+        raise WeightsError(f"could not fetch {name!r} from the Hugging Face Hub ({type(e).__name__}: {e}). Without "
+                           "network, download the repo elsewhere and pass its local folder as the model path") from None
+    finally:
+        if quiet:
+            enable_progress_bars()
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """The device to load on: "auto" picks cuda, then mps, then cpu; a device this torch build and machine cannot
+    use is an InputError before any weight is read."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
+    available = {"cuda": torch.cuda.is_available, "mps": _mps_available}.get(device.type, lambda: True)
+    if not available():
+        raise InputError(f"device {str(device)!r} is not available on this machine (this torch is "
+                         f"{torch.__version__}); use the CPU (device='cpu', --device cpu) or install a torch build for "
+                         "that device")
+    return device
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 
 def check_load_args(path: object, dtype: object, allow_missing: object = (), **flags: object) -> None:
@@ -20,11 +70,21 @@ def check_load_args(path: object, dtype: object, allow_missing: object = (), **f
     if dtype is not None and not isinstance(dtype, (str, torch.dtype)):
         raise InputError(f"dtype must be None, a name like 'bfloat16' or a torch dtype, got {dtype!r:.40}")
     for name, value in flags.items():
-        if not isinstance(value, bool) and not (value is None and name == "cpu_gemv"):
+        if not isinstance(value, bool) and not (value is None and name in ("cpu_gemv", "mmap")):
             raise InputError(f"{name} must be True or False, got {value!r:.40} ({type(value).__name__})")
     if isinstance(allow_missing, (str, bytes)) or not isinstance(allow_missing, Sequence) or \
             not all(isinstance(p, str) for p in allow_missing):
         raise InputError(f"allow_missing must be a list of name patterns like ['my_head.*'], got {allow_missing!r:.60}")
+
+
+def check_fits(folder: Path, dtype: str | torch.dtype | None, device: torch.device, quantize: str | None,
+               mapped: bool) -> None:
+    """Before anything is built or read: the model config.json describes must fit the device's memory (weights
+    that stay mapped, in the file's dtype on the CPU, live in the page cache and are not counted)."""
+    if mapped and device.type == "cpu" and dtype is None and quantize is None:
+        return
+    check_model_fits(Qwen2AudioConfig.from_file(folder), parse_dtype(dtype), device,
+                     quantize == "int8" or is_int8_checkpoint(folder, ours=False), folder / "config.json")
 
 
 def check_loaded(pipe: "object") -> None:

@@ -1,4 +1,5 @@
-"""Prompts and the processor: matches transformers' Qwen2AudioProcessor (chat template, <|AUDIO|> expansion, batching).
+"""The processor: text with <|AUDIO|> placeholders + audio -> model inputs; matches transformers' Qwen2AudioProcessor
+(<|AUDIO|> expansion, log-mel features, tokenizing, batching) with left padding.
 
 A prompt holds one `<|AUDIO|>` per clip. The processor turns each clip into log-mel features, replaces its
 `<|AUDIO|>` by as many copies as the encoder will produce audio tokens for it (25 per second, at most 750), and
@@ -12,104 +13,41 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checkpoint import present, read_json_file
+from .chat_template import AUDIO_PLACEHOLDER, Message, Waveform, apply_chat_template, as_conversations, \
+    conversation_audios
+from .files import present, read_json_file
 from .errors import ConfigError, InputError
 from .features import CHUNK_LENGTH, HOP_LENGTH, N_FFT, N_FRAMES, N_MELS, N_SAMPLES, SAMPLE_RATE, audio_token_count
-from .processor_inputs import AUDIO_PLACEHOLDER, Waveform, check_audio_fits, check_call, windows_features
-from .tokenizer import AUDIO, IM_END, IM_START, Tokenizer
+from .processor_inputs import as_waveform, check_audio_fits, windows_features
+from .tokenizer import AUDIO, Tokenizer
 
-Message = dict  # {"role": str, "content": str | list[dict]}; see `apply_chat_template`
-
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-BASE_CAPTION_PROMPT = f"{AUDIO_PLACEHOLDER}Generate the caption in English:"
-_AUDIO_SOURCE_KEYS = ("audio", "audio_url", "url", "path")  # where an audio item keeps its clip, first found wins
 # preprocessor_config.json values features.py is built for; a checkpoint declaring others needs another frontend.
 PREPROCESSOR_VALUES = {"feature_size": N_MELS, "sampling_rate": SAMPLE_RATE, "hop_length": HOP_LENGTH,
                        "n_fft": N_FFT, "chunk_length": CHUNK_LENGTH, "n_samples": N_SAMPLES, "nb_max_frames": N_FRAMES}
 
 
-def base_prompt(text: str = "Generate the caption in English:", num_audios: int = 1) -> str:
-    """A prompt for the base (non-Instruct) model: the audio tags, then the task text, no chat format (facts §8)."""
-    return AUDIO_PLACEHOLDER * num_audios + text
+def load_clips(sources: Sequence[object]) -> list[Waveform]:
+    """Clips of a conversation as waveforms: paths, URLs and bytes decoded and resampled to 16 kHz
+    (qwen2audio.load_audio, its default policy); arrays and tensors taken to be 16 kHz already."""
+    from .audio import load_audio
+
+    return [load_audio(a, None if isinstance(a, (str, Path, bytes)) else SAMPLE_RATE) for a in sources]
 
 
-def _is_audio_item(message: Message, item: dict) -> bool:
-    # The reference template's test, including its message-level "type" check.
-    return "audio" in item or "audio_url" in item or message.get("type") == "audio" or item.get("type") == "audio"
+def _as_type(value: list | Tensor, return_tensors: str | None) -> list | np.ndarray | Tensor:
+    """One output in the asked type: lists of ids stay lists (None), become int64 arrays ("np") or tensors ("pt");
+    features are NumPy arrays unless "pt"."""
+    if return_tensors == "pt":
+        return value if isinstance(value, Tensor) else _ids_tensor(value)
+    if isinstance(value, Tensor):
+        return value.numpy()
+    return np.asarray(value, dtype=np.int64) if return_tensors == "np" else value
 
 
-def _content_items(message: Message) -> list[dict]:
-    content = message.get("content")
-    if content is None:  # transformers drops None-valued keys; the template then renders an empty message
-        return []
-    if not isinstance(content, list) or not all(isinstance(item, dict) for item in content):
-        raise InputError(f"message content must be a string or a list of dicts like {{'type': 'text', 'text': ...}} "
-                         f"or {{'type': 'audio', 'audio_url': PATH}}; got {content!r:.80}")
-    return content
-
-
-def apply_chat_template(conversation: Sequence[Message], add_generation_prompt: bool = True) -> str:
-    """The Instruct (ChatML) prompt, identical to transformers' Qwen2AudioProcessor default chat template.
-
-    A system message "You are a helpful assistant." is added unless the conversation starts with one. Each audio
-    item becomes `Audio {k}: <|audio_bos|><|AUDIO|><|audio_eos|>\\n`, numbered across the whole conversation; text
-    items are written verbatim, with nothing between items.
-    """
-    parts: list[str] = []
-    audio_count = 0
-    for index, message in enumerate(conversation):
-        if "role" not in message:
-            raise InputError(f"message {index} has no 'role' (use 'system', 'user' or 'assistant')")
-        if index == 0 and message["role"] != "system":
-            parts.append(f"{IM_START}system\n{DEFAULT_SYSTEM_PROMPT}{IM_END}\n")
-        parts.append(f"{IM_START}{message['role']}\n")
-        if isinstance(message.get("content"), str):
-            parts.append(f"{message['content']}{IM_END}\n")
-            continue
-        for item in _content_items(message):
-            if _is_audio_item(message, item):
-                audio_count += 1
-                parts.append(f"Audio {audio_count}: {AUDIO_PLACEHOLDER}\n")
-            elif "text" in item:
-                parts.append(str(item["text"]))
-        parts.append(f"{IM_END}\n")
-    if add_generation_prompt:
-        parts.append(f"{IM_START}assistant\n")
-    return "".join(parts)
-
-
-def as_conversations(conversation: Sequence[Message] | Sequence[Sequence[Message]]) -> tuple[list, bool]:
-    """(a list of conversations, whether a batch was given): one conversation is a list of message dicts, a batch
-    is a list of such lists."""
-    if isinstance(conversation, (str, bytes)) or not isinstance(conversation, Sequence) or not conversation:
-        raise InputError("a conversation must be a non-empty list of messages like {'role': 'user', 'content': ...} "
-                         f"(or a list of such lists for a batch), got {conversation!r:.60}")
-    batched = isinstance(conversation[0], (list, tuple))
-    conversations = list(conversation) if batched else [conversation]
-    for c in conversations:
-        if not isinstance(c, (list, tuple)) or not c or not all(isinstance(m, dict) for m in c):
-            raise InputError(f"each message must be a dict like {{'role': 'user', 'content': ...}}, got {c!r:.60}")
-        for m in c:
-            if not isinstance(m.get("role"), str) or not m["role"]:
-                raise InputError(f"each message needs a 'role' string ('system', 'user' or 'assistant'), got "
-                                 f"{m!r:.80}")
-    return conversations, batched
-
-
-def conversation_audios(conversation: Sequence[Message]) -> list[str | Waveform]:
-    """The clips of a conversation in prompt order: each audio item's "audio" value (path or waveform), else its
-    "audio_url" (a path)."""
-    audios = []
-    for message in conversation:
-        if isinstance(message.get("content"), str):
-            continue
-        for item in _content_items(message):
-            if _is_audio_item(message, item):
-                key = next((k for k in _AUDIO_SOURCE_KEYS if item.get(k) is not None), None)
-                if key is None:
-                    raise InputError(f"audio item {item!r:.80} names no clip: add 'audio_url': PATH or 'audio': ARRAY")
-                audios.append(item[key])
-    return audios
+def _ids_tensor(rows: list[list[int]]) -> Tensor:
+    if len({len(r) for r in rows}) > 1:
+        raise InputError("texts of different lengths need padding=True to form one tensor")
+    return torch.tensor(rows, dtype=torch.long)
 
 
 def expand_audio_tokens(texts: list[str], counts: list[int]) -> list[str]:
@@ -162,38 +100,48 @@ class Processor:
                 raise ConfigError(f"{config_file} must hold a JSON object, got {type(config).__name__}")
             for key, expected in PREPROCESSOR_VALUES.items():
                 if config.get(key, expected) != expected:
-                    raise ConfigError(f"{config_file}: {key} is {config[key]!r:.40}, but Qwen2-Audio's "
-                                      f"frontend uses {expected}; is this a Qwen2-Audio checkpoint?")
+                    raise ConfigError(f"{config_file}: {key} is {config[key]!r:.40}, but Qwen2-Audio's frontend uses "
+                                      f"{expected}; is this a Qwen2-Audio checkpoint?")
         return cls(Tokenizer.from_folder(folder))
 
     def apply_chat_template(self, conversation: Sequence[Message] | Sequence[Sequence[Message]],
-                            add_generation_prompt: bool = True, tokenize: bool = False) -> str | list[str] | dict:
-        """The prompt text (a list for a list of conversations); tokenize=True returns `self(prompt, audio=clips)`
-        (the clips must then be waveforms)."""
+                            add_generation_prompt: bool = False, continue_final_message: bool = False,
+                            tokenize: bool = False, return_tensors: str | None = None, padding: bool | str = False,
+                            truncation: bool = False, max_length: int | None = None,
+                            return_dict: bool = False) -> str | list[str] | list | dict:
+        """transformers' ProcessorMixin.apply_chat_template, with its defaults: the prompt text (a list for a list
+        of conversations); tokenize=True runs the processor on it and the conversations' audio (paths, URLs and
+        bytes are decoded with qwen2audio.load_audio, arrays are taken to be 16 kHz) and returns its input_ids, or
+        everything with return_dict=True. return_tensors None gives lists, "np" NumPy arrays, "pt" torch tensors.
+        """
         conversations, batched = as_conversations(conversation)
-        prompts = [apply_chat_template(c, add_generation_prompt) for c in conversations]
+        prompts = [apply_chat_template(c, add_generation_prompt, continue_final_message) for c in conversations]
         if not tokenize:
             return prompts if batched else prompts[0]
-        audios = [clip for c in conversations for clip in conversation_audios(c)]
-        return self(prompts, audio=audios or None)
+        clips = load_clips([clip for c in conversations for clip in conversation_audios(c)])
+        out = self(prompts, audio=clips or None, padding=padding, return_tensors=return_tensors,
+                   truncation=truncation, max_length=max_length)
+        return out if return_dict else out["input_ids"]
 
     def __call__(self, text: str | list[str], audio: Sequence[Waveform] | Waveform | None = None,
-                 sampling_rate: int = SAMPLE_RATE, padding: bool | str = True, return_tensors: str = "pt", *,
-                 long_audio: str = "truncate", audios: object = None, max_tokens: int | None = None
-                 ) -> dict[str, Tensor]:
+                 sampling_rate: int = SAMPLE_RATE, padding: bool | str = True, return_tensors: str | None = "pt",
+                 truncation: bool = False, max_length: int | None = None, *, long_audio: str = "truncate",
+                 audios: object = None, max_tokens: int | None = None) -> dict:
         """input_ids and attention_mask (B, T) int64, left-padded; with audio also input_features
-        (num_windows, 128, 3000) float32 and feature_attention_mask (num_windows, 3000) int32.
+        (num_windows, 128, 3000) float32 and feature_attention_mask (num_windows, 3000) int32. return_tensors:
+        "pt" (default; transformers' default is None), "np", or None (lists of ids, NumPy features).
 
         The i-th `<|AUDIO|>` in the texts (row by row, left to right) belongs to the i-th clip of `audio`.
         Clips over 30 s: long_audio="truncate" keeps the first 30 s (the reference's behaviour) and warns;
         long_audio="chunk" encodes consecutive 30 s windows whose audio tokens follow one another in the clip's
-        single <|audio_bos|>...<|audio_eos|> span (one feature row per window). max_tokens (the model's
+        single <|audio_bos|>...<|audio_eos|> span (one feature row per window). truncation=True with max_length
+        cuts each row's tokens to max_length (on the right, as transformers' tokenizer does). max_tokens (the model's
         max_position_embeddings; the pipeline passes it) refuses audio that could not fit before computing features.
         """
-        texts, clips = check_call(text, audio, sampling_rate, long_audio, audios, return_tensors)
+        texts, clips = self._check_call(text, audio, sampling_rate, return_tensors, long_audio, audios)
         if clips and max_tokens is not None:
             check_audio_fits(texts, clips, long_audio, max_tokens)
-        out: dict[str, Tensor] = {}
+        out: dict = {}
         if clips:
             windows, windows_per_clip = _windows(clips, long_audio)
             features, frame_mask = windows_features(windows)  # (N, 128, 3000) float32, (N, 3000) int32
@@ -201,26 +149,63 @@ class Processor:
             counts = [sum(next(window_tokens) for _ in range(n)) for n in windows_per_clip]
             texts = expand_audio_tokens(texts, counts)
             out["input_features"], out["feature_attention_mask"] = features, frame_mask
-        input_ids, attention_mask = self._pad(self.tokenizer.encode_batch(texts), padding)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, **out}
+        rows = self.tokenizer.encode_batch(texts)
+        if truncation and max_length is not None:
+            rows = [r[:max_length] for r in rows]
+        out = {**self._pad(rows, padding, max_length), **out}
+        return {k: _as_type(v, return_tensors) for k, v in out.items()}
 
-    def _pad(self, rows: list[list[int]], padding: bool | str) -> tuple[Tensor, Tensor]:
-        """Left-pad the rows to the longest with the tokenizer's pad id -> (input_ids, attention_mask), int64."""
-        if padding not in (True, False, "longest", "do_not_pad"):
-            raise InputError(f"padding={padding!r} is not supported; use True (pad to the longest) or False")
+    def _check_call(self, text: object, audio: object, sampling_rate: int, return_tensors: str | None,
+                    long_audio: str, audios: object) -> tuple[list[str], list[Waveform]]:
+        """The texts as a list and the clips, after every check of __call__'s arguments."""
+        if audios is not None:
+            raise InputError("the keyword is `audio=`, not `audios=` (the official Qwen2-Audio README's spelling, "
+                             "which transformers 4.5x silently ignored, dropping the audio): pass audio=[clip, ...]")
+        if return_tensors not in ("pt", "np", None):
+            raise InputError(f"return_tensors={return_tensors!r} is not supported; use 'pt', 'np' or None")
+        if long_audio not in ("truncate", "chunk"):
+            raise InputError(f"long_audio must be 'truncate' or 'chunk', got {long_audio!r}")
+        texts = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else []
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise InputError(f"text must be a string or a non-empty list of strings, got {text!r:.60}")
+        if audio is None:
+            clips = []
+        elif isinstance(audio, (np.ndarray, Tensor)):  # one clip given bare
+            clips = [as_waveform(audio, 0)]
+        elif isinstance(audio, (list, tuple)):
+            clips = [as_waveform(clip, i) for i, clip in enumerate(audio)]
+        else:
+            raise InputError(f"audio must be a list of waveforms (or one waveform), got {type(audio).__name__}")
+        n_placeholders = sum(t.count(AUDIO) for t in texts)
+        if n_placeholders != len(clips):
+            raise InputError(f"the text has {n_placeholders} {AUDIO} placeholder(s) but {len(clips)} audio clip(s) "
+                             f"were given: put one {AUDIO_PLACEHOLDER} in the text for each clip, in the order of "
+                             "`audio` (apply_chat_template does this for every audio item of a conversation)")
+        if clips and sampling_rate != SAMPLE_RATE:
+            raise InputError(f"audio must be sampled at {SAMPLE_RATE} Hz, got sampling_rate={sampling_rate!r:.40}: "
+                             "resample it first (qwen2audio.audio.load_audio decodes files and resamples them to 16 kHz)")
+        return texts, clips
+
+    def _pad(self, rows: list[list[int]], padding: bool | str, max_length: int | None) -> dict[str, list]:
+        """Left-pad the rows (to the longest, or to max_length with padding="max_length") with the tokenizer's pad
+        id -> input_ids and attention_mask as lists of rows (unpadded with padding=False)."""
+        if padding not in (True, False, "longest", "do_not_pad", "max_length"):
+            raise InputError(f"padding={padding!r} is not supported; use True/'longest', False or 'max_length'")
         empty = [i for i, r in enumerate(rows) if not r]
         if empty:  # parity: transformers returns a (B, 0) batch that no model can run
             raise InputError(f"prompt {empty[0]} is empty: a prompt needs at least one token")
         width = max(len(r) for r in rows)
-        if any(len(r) != width for r in rows):
-            if padding in (False, "do_not_pad"):
-                raise InputError("texts of different lengths need padding=True to form one batch")
-            if self.tokenizer.pad_token_id is None:
-                raise ConfigError("the tokenizer has no pad token, so texts of different lengths cannot be batched")
+        if padding == "max_length":
+            if max_length is None or max_length < width:
+                raise InputError(f"padding='max_length' needs max_length >= the longest row ({width} tokens)")
+            width = max_length
+        elif padding in (False, "do_not_pad"):
+            return {"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]}
+        if any(len(r) != width for r in rows) and self.tokenizer.pad_token_id is None:
+            raise ConfigError("the tokenizer has no pad token, so texts of different lengths cannot be batched")
         pad_id = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long)
-        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
-        return input_ids, attention_mask
+        return {"input_ids": [[pad_id] * (width - len(r)) + r for r in rows],
+                "attention_mask": [[0] * (width - len(r)) + [1] * len(r) for r in rows]}
 
     def decode(self, ids: Sequence[int] | Tensor, skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode(torch.as_tensor(ids).tolist(), skip_special_tokens)

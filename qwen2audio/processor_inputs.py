@@ -1,6 +1,6 @@
-"""The processor's inputs, checked once where they enter (text, clips, options), and the audio side of the
-processor that must stay bounded however long the audio: token counts known before any feature is computed, and
-log-mels computed a few 30 s windows at a time."""
+"""The processor's clips, each checked where it enters (Processor._check_call calls as_waveform), and the audio side
+of the processor that must stay bounded however long the audio: token counts known before any feature is computed,
+and log-mels computed a few 30 s windows at a time."""
 
 from pathlib import Path
 
@@ -8,12 +8,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .chat_template import Waveform
 from .errors import InputError
 from .features import N_FRAMES, N_MELS, N_SAMPLES, SAMPLE_RATE, audio_token_count, extract_features, num_frames
-from .tokenizer import AUDIO, AUDIO_BOS, AUDIO_EOS
-
-Waveform = np.ndarray | Tensor  # mono, 16 kHz, 1-D
-AUDIO_PLACEHOLDER = f"{AUDIO_BOS}{AUDIO}{AUDIO_EOS}"  # one clip, before expansion
+from .tokenizer import AUDIO
 FEATURE_BATCH = 8  # 30 s windows turned into log-mels at a time: the STFT of 8 windows takes ~40 MB
 _FLOAT_DTYPES = (np.float16, np.float32, np.float64, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -70,35 +68,3 @@ def windows_features(windows: list[Waveform]) -> tuple[Tensor, Tensor]:
         stop = start + FEATURE_BATCH
         features[start:stop], mask[start:stop] = extract_features(windows[start:stop])
     return features, mask
-
-
-def check_call(text: object, audio: object, sampling_rate: object, long_audio: object, audios: object,
-               return_tensors: object) -> tuple[list[str], list[Waveform]]:
-    """The processor's arguments, checked once: (the texts, the clips as checked waveforms)."""
-    if return_tensors != "pt":
-        raise InputError(f"return_tensors={return_tensors!r:.40} is not supported; use 'pt' (torch tensors)")
-    if audios is not None:
-        raise InputError("the keyword is `audio=`, not `audios=` (the official Qwen2-Audio README's spelling, "
-                         "which transformers 4.5x silently ignored, dropping the audio): pass audio=[clip, ...]")
-    texts = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else None
-    if not texts or not all(isinstance(t, str) for t in texts):
-        raise InputError(f"text must be a string or a non-empty list of strings, got {text!r:.60}")
-    if audio is None:
-        clips = []
-    elif isinstance(audio, (np.ndarray, Tensor)):  # one clip given bare
-        clips = [as_waveform(audio, 0)]
-    elif isinstance(audio, (list, tuple)):
-        clips = [as_waveform(clip, i) for i, clip in enumerate(audio)]
-    else:
-        raise InputError(f"audio must be a list of waveforms (or one waveform), got {type(audio).__name__}")
-    n_placeholders = sum(t.count(AUDIO) for t in texts)
-    if n_placeholders != len(clips):
-        raise InputError(f"the text has {n_placeholders} {AUDIO} placeholder(s) but {len(clips)} audio clip(s) "
-                         f"were given: put one {AUDIO_PLACEHOLDER} in the text for each clip, in the order of "
-                         "`audio` (apply_chat_template does this for every audio item of a conversation)")
-    if clips and sampling_rate != SAMPLE_RATE:
-        raise InputError(f"audio must be sampled at {SAMPLE_RATE} Hz, got sampling_rate={sampling_rate!r:.40}: "
-                         "resample it first (qwen2audio.audio.load_audio decodes files and resamples them to 16 kHz)")
-    if long_audio not in ("truncate", "chunk"):
-        raise InputError(f"long_audio must be 'truncate' or 'chunk', got {long_audio!r:.40}")
-    return texts, clips

@@ -11,7 +11,7 @@ from tokenizers import AddedToken, processors
 from tokenizers import Tokenizer as _BackendTokenizer
 from tokenizers.models import BPE
 
-from .checkpoint import parse_json, present, read_json_file, read_regular_file
+from .files import parse_json, present, read_json_file, read_regular_file
 from .errors import ConfigError
 
 MAX_TOKEN_ID = 2**31 - 1  # ids beyond this cannot be an embedding row (and overflow the library's u32)

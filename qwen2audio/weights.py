@@ -171,9 +171,11 @@ def quantize_rows(f, entry: TensorEntry, path: Path, dtype: torch.dtype) -> tupl
     return q, scales
 
 
-def read_shard(path: Path, jobs: list[Job], device: torch.device, map_files: bool) -> dict[str, torch.Tensor]:
-    """The tensors of one shard. On CPU in the file's dtype: read by a few threads at once (or mapped); otherwise
-    one at a time, converted (cast, moved or quantized) and the original freed before the next."""
+def read_shard(path: Path, jobs: list[Job], device: torch.device, map_files: bool,
+               mapped: list | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of one shard. On CPU in the file's dtype: read by a few threads at once (or mapped, each
+    mapped one recorded in `mapped` as (name, mapping, entry)); otherwise one at a time, converted (cast, moved or
+    quantized) and the original freed before the next."""
     state: dict[str, torch.Tensor] = {}
     as_is = [j for j in jobs if device.type == "cpu" and j.dtype == j.entry.dtype and not j.quantize]
     with open(path, "rb") as f:
@@ -188,6 +190,8 @@ def read_shard(path: Path, jobs: list[Job], device: torch.device, map_files: boo
             mapping = map_file(path)
             big = [j for j in as_is if j.entry.end - j.entry.start >= HUGE_PAGE_MIN_BYTES]
             state.update({j.name: t for j in big if (t := mapped_tensor(mapping, j.entry)) is not None})
+            if mapped is not None:
+                mapped += [(j.name, mapping, j.entry) for j in big if j.name in state]
             as_is = [j for j in as_is if j.name not in state]
         with ThreadPoolExecutor(READ_THREADS if hasattr(os, "preadv") else 1) as pool:
             state.update(zip((j.name for j in as_is), pool.map(lambda j: read_tensor(f, j.entry, path), as_is)))
@@ -233,12 +237,13 @@ def _progress_bar(total: int, folder: Path):
 def load_weights(folder: str | Path, config: Qwen2AudioConfig | None = None, dtype: str | torch.dtype | None = None,
                  device: str | torch.device = "cpu", progress: bool = False, quantize: str | None = None,
                  map_files: bool = False, model: nn.Module | None = None,
-                 allow_missing: tuple[str, ...] = ()) -> nn.Module:
+                 allow_missing: tuple[str, ...] = (), mapped: list | None = None) -> nn.Module:
     """Fill `model` (by default ours, built from config.json on the meta device) from the folder's safetensors.
 
     dtype casts floating tensors (None keeps the file's); quantize="int8" quantizes the decoder's linear weights as
     they are read, so the full-precision decoder is never in memory; map_files=True maps the files instead of
-    reading tensors of 2 MB and more (load() returns at once, decoding is slower, the files must not change).
+    reading tensors of 2 MB and more (load() returns at once, decoding is slower, the files must not change), and
+    records them in `mapped` when given (resident.py can then move them into memory in the background).
     A model you built: on the meta device (`with torch.device("meta"):`) nothing is allocated twice; every name it
     has must be in the checkpoint except those matching an `allow_missing` pattern (fnmatch, e.g. "head.*").
     """
@@ -254,7 +259,7 @@ def load_weights(folder: str | Path, config: Qwen2AudioConfig | None = None, dty
     jobs, tied = plan_reads(model, shards, dtype, quantize == "int8" and not int8_file, allow_missing, folder)
     bar, state = _progress_bar(len(jobs), folder) if progress else None, {}
     for path, shard_jobs in jobs.items():
-        state.update(read_shard(path, shard_jobs, device, map_files))
+        state.update(read_shard(path, shard_jobs, device, map_files, mapped))
         if bar is not None:
             bar.update(1)
     if bar is not None:

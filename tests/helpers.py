@@ -49,6 +49,18 @@ def test_signal(seconds: float, seed: int = 0, sr: int = 16000) -> np.ndarray:
     return x.astype(np.float32)
 
 
+def write_wav(path: Path | str, samples: np.ndarray, rate: int = 16000) -> Path:
+    """A mono 16-bit PCM WAV of float samples in [-1, 1] (clipped), written with the stdlib `wave` module."""
+    import wave
+
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+    return Path(path)
+
+
 def hf_audio_rows(hf_model, input_features: torch.Tensor, feature_attention_mask: torch.Tensor) -> torch.Tensor:
     """The reference's projected, trimmed audio rows, as Qwen2AudioModel.forward computes them (5.24)."""
     from transformers.masking_utils import create_bidirectional_mask

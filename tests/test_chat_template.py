@@ -5,7 +5,8 @@ import pytest
 from tokenizer_fixture import hf_processor, shared_tokenizer_folder
 
 from qwen2audio.errors import InputError
-from qwen2audio.processor import BASE_CAPTION_PROMPT, Processor, apply_chat_template, base_prompt, conversation_audios
+from qwen2audio.chat_template import BASE_CAPTION_PROMPT, apply_chat_template, base_prompt, conversation_audios
+from qwen2audio.processor import Processor
 
 GLASS, COUGH = "glass-breaking.mp3", "throat_clearing.wav"
 QUESTION = {"type": "text", "text": "What's that sound?"}
@@ -75,7 +76,8 @@ def test_template_matches_transformers(hf, name, generation_prompt):
 
 
 def test_multi_turn_rendering_as_documented():
-    assert apply_chat_template(CONVERSATIONS["multi_turn_two_audios"]) == MULTI_TURN_EXPECTED
+    assert apply_chat_template(CONVERSATIONS["multi_turn_two_audios"], add_generation_prompt=True) == \
+        MULTI_TURN_EXPECTED
 
 
 def test_message_level_type_counts_every_item_as_audio():
@@ -86,9 +88,11 @@ def test_message_level_type_counts_every_item_as_audio():
 def test_processor_method_and_batched_conversations(hf):
     ours = Processor.from_folder(shared_tokenizer_folder())
     batch = [CONVERSATIONS["voice_chat"], CONVERSATIONS["system_prompt"]]
-    assert ours.apply_chat_template(batch) == hf.apply_chat_template(batch, add_generation_prompt=True)
+    assert ours.apply_chat_template(batch) == hf.apply_chat_template(batch)  # transformers' default: no prompt
     single = CONVERSATIONS["audio_analysis"]
-    assert ours.apply_chat_template(single) == hf.apply_chat_template(single, add_generation_prompt=True)
+    assert ours.apply_chat_template(single) == hf.apply_chat_template(single)
+    assert ours.apply_chat_template(single, add_generation_prompt=True) == hf.apply_chat_template(
+        single, add_generation_prompt=True)
 
 
 def test_conversation_audios_in_prompt_order():

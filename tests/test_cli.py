@@ -11,13 +11,11 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import wave
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from helpers import test_signal
+from helpers import test_signal, write_wav
 from tokenizer_fixture import shared_tokenizer_folder
 
 import qwen2audio
@@ -28,13 +26,6 @@ GREEDY = ["--greedy", "--max-new-tokens", "8"]  # the tiny model's generation_co
 API_GREEDY = dict(do_sample=False, max_new_tokens=8)
 
 
-def write_wav(path: Path, samples: np.ndarray) -> Path:
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
-    return path
 
 
 def model_folder_from(checkpoint: Path, target: Path) -> Path:
@@ -178,7 +169,7 @@ def test_two_audios_system_prompt_json_and_load_options(work, pipe, loads, capsy
 
 def test_defaults_pass_quiet_false_and_the_checkpoint_dtype(work, loads, capsys):
     assert cli.main(["chat", "--model", "M", "--prompt", "hi", "--device", "cpu", "--max-new-tokens", "2"]) == 0
-    assert loads == [("M", dict(dtype=None, device="cpu", quantize=None, compile=False, mmap=False,
+    assert loads == [("M", dict(dtype=None, device="cpu", quantize=None, compile=False, mmap=None,
                                 quiet=False))]
     assert loads[0][1]["quiet"] is False  # the loader shows its bar only when stderr is a terminal
 
@@ -316,3 +307,88 @@ def test_debug_shows_the_traceback(tmp_path, loads, capsys):
     assert cli.main(["chat", "--model", "M", "--audio", str(tmp_path / "nope.wav"), "--debug"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "AudioError" in err and "nope.wav" in err
+
+
+# ----------------------------------------------------------------------------------- transcribe, and shell habits
+ASR = "<|audio_bos|><|AUDIO|><|audio_eos|>Detect the language and recognize the speech:"
+
+
+def test_transcribe_text_json_and_output_dir(work, pipe, loads, capsys, tmp_path):
+    a, b = str(work / "a.wav"), str(work / "b.wav")
+    expected = [pipe.complete(ASR + " <|en|>", audio=[p], **API_GREEDY) for p in (a, b)]
+    assert cli.main(["transcribe", a, b, "--language", "en", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out == "".join(t + "\n" for t in expected)
+    assert loads[-1][0] == "Qwen/Qwen2-Audio-7B"  # the base model's prompt format, so the base model by default
+
+    assert cli.main(["transcribe", a, "--json", "--model", "M", "--max-new-tokens", "8"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["file"] == a and result["text"] == pipe.complete(ASR, audio=[a], **API_GREEDY)
+
+    out_dir = tmp_path / "texts"
+    assert cli.main(["transcribe", a, b, "-o", str(out_dir), "--language", "en", "--max-new-tokens", "8"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and "wrote" in captured.err
+    assert [(out_dir / n).read_text() for n in ("a.txt", "b.txt")] == [t + "\n" for t in expected]
+    assert cli.main(["transcribe", a, "-o", str(out_dir), "--quiet", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr() == ("", "")  # --quiet: no notices
+    assert cli.main(["transcribe", a, "--language", "en; rm -rf"]) == 1
+    assert "language code" in capsys.readouterr().err
+
+
+def test_caption_defaults_to_the_base_model_and_audio_from_stdin(work, pipe, loads, capsys, monkeypatch):
+    import io
+
+    data = (work / "a.wav").read_bytes()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+    assert cli.main(["caption", "--audio", "-", *GREEDY]) == 0
+    prompt = "<|audio_bos|><|AUDIO|><|audio_eos|>Generate the caption in English:"
+    assert capsys.readouterr().out == pipe.complete(prompt, audio=[str(work / "a.wav")], **API_GREEDY) + "\n"
+    assert loads[-1][0] == "Qwen/Qwen2-Audio-7B"
+    assert cli.main(["chat", "--audio", "-", "--audio", "-", "--prompt", "hi"]) == 1
+    assert "once" in capsys.readouterr().err
+
+
+def test_version_and_threads(work, loads, capsys):
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"qwen2audio {cli.package_version()}" != "qwen2audio unknown"
+    before = torch.get_num_threads()
+    try:
+        assert cli.main(["chat", "--model", "M", "--prompt", "hi", "--threads", "2", "--max-new-tokens", "1"]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert cli.main(["chat", "--model", "M", "--prompt", "hi", "--threads", "0"]) == 2
+
+
+def test_long_audio_warning_names_the_file(work, tmp_path, loads, capsys):
+    long_clip = write_wav(tmp_path / "interview.wav", test_signal(31.0))
+    assert cli.main(["transcribe", str(long_clip), "--max-new-tokens", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "interview.wav is 31.0 s long" in err and "audio 0" not in err
+
+
+def test_interactive_set_and_messages_of_several_lines(work, pipe, loads, capsys, monkeypatch):
+    import io
+
+    script = ('/set temperature 0.5\n/set top_k 7\n/set seed 11\n/set max-new-tokens 6\n/set temperature hot\n'
+              '/set colour blue\n/set\n"""\nFirst line\nsecond line\n"""\n/set greedy on\nAgain?\n')
+    monkeypatch.setattr(sys, "stdin", io.StringIO(script))
+    assert cli.main(["chat", "--model", "M", "--max-new-tokens", "8"]) == 1  # two /set lines failed
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and "temperature must be a number" in errors[0] and "/set takes" in errors[1]
+    assert "temperature 0.5" in captured.err and "top_k 7" in captured.err and "do_sample True" in captured.err
+    sampled = dict(do_sample=True, temperature=0.5, top_k=7, seed=11, max_new_tokens=6)
+    first_turn = [user("First line\nsecond line")]
+    first = pipe.chat(first_turn, **sampled)
+    second = pipe.chat(first_turn + [{"role": "assistant", "content": first}, user("Again?")],
+                       **sampled | {"do_sample": False})
+    assert captured.out == f"{first}\n{second}\n"
+
+
+def test_each_subcommand_has_its_own_default_model():
+    parser = cli.build_parser()
+    assert parser.parse_args(["chat"]).model == "Qwen/Qwen2-Audio-7B-Instruct"
+    assert parser.parse_args(["caption", "--audio", "x.wav"]).model == "Qwen/Qwen2-Audio-7B"
+    assert parser.parse_args(["transcribe", "x.wav"]).model == "Qwen/Qwen2-Audio-7B"
+    assert parser.parse_args(["chat"]).model == "Qwen/Qwen2-Audio-7B-Instruct"  # not changed by the others

@@ -53,3 +53,22 @@ def test_frame_and_token_counts(samples, frames, tokens):
     _, mask = extract_features([np.zeros(samples, dtype=np.float32) + 0.1])
     assert int(mask.sum()) == frames
     assert audio_token_count(frames) == tokens
+
+
+@pytest.mark.parametrize("form", ["list of floats", "bare array", "bare tensor"])
+def test_one_bare_clip_is_taken_as_transformers_takes_it(form):
+    wave = test_signal(1.3, seed=5)
+    given = {"list of floats": wave.tolist(), "bare array": wave, "bare tensor": torch.from_numpy(wave)}[form]
+    ref_feat, ref_mask = reference(wave.tolist() if form == "list of floats" else wave)
+    feat, mask = extract_features(given)
+    assert feat.shape == (1, 128, N_FRAMES) and torch.equal(mask, ref_mask.to(torch.int32))
+    assert (feat - ref_feat).abs().max().item() <= 1e-6
+
+
+def test_a_clip_that_is_not_mono_says_what_was_wrong():
+    from qwen2audio.errors import InputError
+
+    with pytest.raises(InputError, match=r"clip 0 has shape \(2, 16000\).*mono"):
+        extract_features([np.zeros((2, 16000), dtype=np.float32)])
+    with pytest.raises(InputError, match="clip 1 is not a sequence of numbers"):
+        extract_features([np.zeros(16000, dtype=np.float32), ["a", "b"]])

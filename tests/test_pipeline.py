@@ -1,12 +1,10 @@
 """The pipeline end to end: conversations in, text out, equal to transformers' processor + generate + decode."""
 
 import shutil
-import wave
 
-import numpy as np
 import pytest
 import torch
-from helpers import load_hf, test_signal
+from helpers import load_hf, test_signal, write_wav
 from tokenizer_fixture import hf_processor, write_tokenizer_files
 
 import qwen2audio
@@ -20,13 +18,6 @@ def folder(tiny_checkpoint, tmp_path_factory):
     return write_tokenizer_files(target)
 
 
-def write_wav(path, samples: np.ndarray) -> str:
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
-    return str(path)
 
 
 def reference_reply(folder, conversations, audios, **options):
@@ -40,7 +31,7 @@ def reference_reply(folder, conversations, audios, **options):
 def test_chat_batch_and_stream_equal_transformers(folder, tmp_path):
     clips = [test_signal(s, seed=i) for i, s in enumerate([1.0, 2.5, 4.0])]
     # What the WAV file holds, read back the way the file gives it (16-bit rounding included).
-    path = write_wav(tmp_path / "a.wav", clips[0])
+    path = str(write_wav(tmp_path / "a.wav", clips[0]))
     clips[0] = qwen2audio.audio.load_audio(path)
     conversations = [
         [{"role": "user", "content": [{"type": "audio", "audio_url": path}, {"type": "text", "text": "What is it?"}]}],
@@ -84,7 +75,7 @@ def test_long_audio_chunk_runs_end_to_end(folder):
     long_clip = test_signal(75.0)
     conversation = [{"role": "user", "content": [{"type": "audio", "audio": long_clip},
                                                   {"type": "text", "text": "Summarise."}]}]
-    prompt = pipe.processor.apply_chat_template(conversation)
+    prompt = pipe.processor.apply_chat_template(conversation, add_generation_prompt=True)
     batch = pipe.processor(prompt, audio=[long_clip], long_audio="chunk")
     assert batch["input_features"].shape[0] == 3  # 30 s + 30 s + 15 s
     assert int((batch["input_ids"] == 151646).sum()) == 750 + 750 + 375
@@ -92,7 +83,8 @@ def test_long_audio_chunk_runs_end_to_end(folder):
         short = pipe.processor(prompt, audio=[long_clip])
     assert int((short["input_ids"] == 151646).sum()) == 750
     reply = pipe.chat(conversation, long_audio="chunk", max_new_tokens=4, do_sample=False)
-    assert isinstance(reply, str) and pipe.last_stats["new_tokens"] >= 1
+    expected = pipe.generate(**batch, max_new_tokens=4, do_sample=False)[0]  # from the three windows' inputs
+    assert reply == pipe.tokenizer.decode(expected.tolist(), skip_special_tokens=True)
 
 
 def test_prompt_too_long_is_a_clear_error(folder):
@@ -144,3 +136,47 @@ def test_threads_and_interleaved_streams_share_one_pipeline(folder):
     for w in workers:
         w.join()
     assert [replies[i] for i in range(6)] == alone * 2
+
+
+def test_small_vocabulary_without_eos_generates_like_transformers(tmp_path):
+    """No eos in the checkpoint and a vocabulary smaller than the fallback stop ids (151643, 151645): those ids are
+    ignored, and min_new_tokens works (it used to index past the vocabulary)."""
+    from helpers import save_tiny_checkpoint
+
+    folder = save_tiny_checkpoint(tmp_path / "small", vocab_size=1000, bos_token_id=None, eos_token_id=None)
+    (folder / "generation_config.json").unlink(missing_ok=True)
+    pipe = qwen2audio.load(folder, quiet=True)
+    assert pipe.options().eos_token_ids == () and pipe.options().pad_token_id == 0
+    ids = torch.tensor([[5, 17, 300, 999, 42]])
+    ours = pipe.generate(ids, max_new_tokens=8, min_new_tokens=3, do_sample=False)
+    expected = load_hf(folder).generate(ids, max_new_tokens=8, min_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours, expected[:, ids.shape[1]:])
+
+
+def test_a_second_turn_prefills_only_its_new_tokens(folder):
+    """The cache of the previous turn serves the next: only the tokens after the shared prefix are prefilled, and
+    the replies equal those of a pipeline that recomputes everything. Same ids but another clip of the same length
+    (every clip is written as the same <|AUDIO|> ids) is not reused past that clip."""
+    pipe, fresh = qwen2audio.load(folder), qwen2audio.load(folder)
+    greedy = dict(max_new_tokens=8, do_sample=False)
+    turn1 = [{"role": "user", "content": [{"type": "audio", "audio": test_signal(2.0, seed=1)},
+                                          {"type": "text", "text": "What is it?"}]}]
+    reply1 = pipe.chat(turn1, **greedy)
+    assert pipe.last_stats["cached_tokens"] == 0
+    first_prompt = pipe.inputs(apply_chat_template_text(pipe, turn1), [test_signal(2.0, seed=1)])["input_ids"].shape[1]
+    turn2 = turn1 + [{"role": "assistant", "content": reply1}, {"role": "user", "content": "And then?"}]
+    reply2 = pipe.chat(turn2, **greedy)
+    assert pipe.last_stats["cached_tokens"] >= first_prompt  # the whole first prompt, and the reply's tokens
+    new = fresh.chat(turn2, **greedy)
+    assert fresh.last_stats["cached_tokens"] == 0 and reply2 == new
+
+    other = [{"role": "user", "content": [{"type": "audio", "audio": test_signal(2.0, seed=2)},
+                                          {"type": "text", "text": "What is it?"}]}]
+    audio_start = pipe.inputs(apply_chat_template_text(pipe, other), [test_signal(2.0, seed=2)])["input_ids"][0] \
+        .tolist().index(151646)
+    assert pipe.chat(other, **greedy) == fresh.chat(other, **greedy)
+    assert pipe.last_stats["cached_tokens"] == audio_start  # the system prompt and "Audio 1: <|audio_bos|>" only
+
+
+def apply_chat_template_text(pipe, conversation) -> str:
+    return pipe.processor.apply_chat_template(conversation, add_generation_prompt=True)

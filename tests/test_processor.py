@@ -1,5 +1,6 @@
 """Processor: outputs equal (torch.equal, same dtypes) to transformers' Qwen2AudioProcessor with left padding."""
 
+import numpy as np
 import pytest
 import torch
 from helpers import test_signal as signal
@@ -7,7 +8,8 @@ from tokenizer_fixture import hf_processor, shared_tokenizer_folder
 
 from qwen2audio.errors import InputError
 from qwen2audio.features import audio_token_count, num_frames
-from qwen2audio.processor import BASE_CAPTION_PROMPT, Processor, apply_chat_template
+from qwen2audio.chat_template import BASE_CAPTION_PROMPT, apply_chat_template
+from qwen2audio.processor import Processor
 
 AUDIO_ID = 151646
 
@@ -15,7 +17,7 @@ AUDIO_ID = 151646
 def chat(text: str | None, n_audios: int = 1) -> str:
     items = [{"type": "audio", "audio_url": f"clip{i}.wav"} for i in range(n_audios)]
     items += [{"type": "text", "text": text}] if text else []
-    return apply_chat_template([{"role": "user", "content": items}])
+    return apply_chat_template([{"role": "user", "content": items}], add_generation_prompt=True)
 
 
 @pytest.fixture(scope="module")
@@ -132,4 +134,65 @@ def test_apply_chat_template_tokenize(ours, hf):
                                                  {"type": "text", "text": "What is it?"}]}]
     expected = hf.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True,
                                       return_tensors="pt")
-    assert_same(ours.apply_chat_template(conversation, tokenize=True), expected)
+    assert_same(ours.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                         return_tensors="pt"), expected)
+
+
+def same_outputs(ours_out, hf_out) -> None:
+    """Equal values of the same kinds: lists, NumPy arrays (with dtypes) or tensors (with dtypes)."""
+    if isinstance(hf_out, (list, str)):
+        assert type(ours_out) is type(hf_out) and ours_out == hf_out
+        return
+    if not isinstance(hf_out, (np.ndarray, torch.Tensor)):  # a BatchFeature
+        assert set(ours_out) == set(hf_out.keys())
+        for key in hf_out.keys():
+            same_outputs(ours_out[key], hf_out[key])
+        return
+    assert type(ours_out) is type(hf_out) and ours_out.dtype == hf_out.dtype
+    assert (ours_out == hf_out).all() and ours_out.shape == hf_out.shape
+
+
+COMPAT_CASES = [  # apply_chat_template keyword arguments, compared with transformers' for the same ones
+    {},
+    {"add_generation_prompt": True},
+    {"continue_final_message": True},
+    {"tokenize": True},
+    {"tokenize": True, "return_tensors": "np", "padding": True},
+    {"tokenize": True, "return_tensors": "pt", "padding": True, "return_dict": True},
+    {"tokenize": True, "return_dict": True, "padding": True},
+    {"tokenize": True, "return_tensors": "np", "padding": "max_length", "max_length": 60, "return_dict": True},
+    {"tokenize": True, "return_tensors": "pt", "truncation": True, "max_length": 20, "padding": True},
+    {"add_generation_prompt": True, "tokenize": True, "return_tensors": "pt", "return_dict": True},  # both refuse
+]
+TEXT_ONLY = [[{"role": "user", "content": "What is a tone?"}, {"role": "assistant", "content": "A sound"}],
+             [{"role": "user", "content": [{"type": "text", "text": "And a chord?"}]}]]
+
+
+@pytest.mark.parametrize("kwargs", COMPAT_CASES, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()) or "default")
+def test_apply_chat_template_takes_transformers_arguments(ours, hf, kwargs):
+    """Code ported from transformers gets what transformers gives for the same arguments and defaults."""
+    conversations = [
+        [{"role": "user", "content": [{"type": "audio", "audio": signal(2.0, 12)},
+                                      {"type": "text", "text": "What is it?"}]},
+         {"role": "assistant", "content": "It is a tone"}],
+        [{"role": "system", "content": "Be brief."},
+         {"role": "user", "content": [{"type": "audio", "audio": signal(1.0, 13)}]},
+         {"role": "assistant", "content": [{"type": "text", "text": "A short one "}]}],
+    ]
+    if "max_length" in kwargs:  # transformers hands max_length to the feature extractor too, which breaks audio
+        conversations = TEXT_ONLY  # parity: ours cuts and pads tokens only; compared where transformers works
+    for conversation in (conversations, conversations[0]):
+        try:
+            expected = hf.apply_chat_template(conversation, **kwargs)
+        except ValueError:  # rows of different lengths as one tensor without padding: both refuse
+            with pytest.raises(InputError, match="padding"):
+                ours.apply_chat_template(conversation, **kwargs)
+            continue
+        same_outputs(ours.apply_chat_template(conversation, **kwargs), expected)
+
+
+@pytest.mark.parametrize("return_tensors", ["np", None])
+def test_call_returns_numpy_or_lists_like_transformers(ours, hf, return_tensors):
+    texts, clips = [chat("What's that sound?"), chat(None)], [signal(1.0, 0), signal(2.5, 1)]
+    same_outputs(ours(texts, audio=clips, return_tensors=return_tensors),
+                 hf(text=texts, audio=clips, sampling_rate=16000, return_tensors=return_tensors, padding=True))

@@ -8,11 +8,10 @@ import builtins
 import re
 import shutil
 import sys
-import wave
 from pathlib import Path
 
 import torch
-from helpers import test_signal
+from helpers import test_signal, write_wav
 from tokenizer_fixture import shared_tokenizer_folder
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -39,11 +38,7 @@ def test_quickstart_runs_and_prints_a_reply_at_every_print(tiny_checkpoint, tmp_
     model.mkdir()
     for source in [*tiny_checkpoint.iterdir(), *shared_tokenizer_folder().iterdir()]:
         shutil.copyfile(source, model / source.name)
-    with wave.open(str(tmp_path / "glass.wav"), "wb") as w:  # the file the quickstart asks about
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes((test_signal(2.0) * 32767).astype("<i2").tobytes())
+    write_wav(tmp_path / "glass.wav", test_signal(2.0))  # the file the quickstart asks about
     monkeypatch.chdir(tmp_path)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model runs fastest on one thread, above all on a busy machine

@@ -100,7 +100,7 @@ def test_loaded_weights_are_the_models_own(tiny_checkpoint, tmp_path):
     folder = copy_checkpoint(tiny_checkpoint, tmp_path / "ckpt")
     before = (folder / "model.safetensors").read_bytes()
     on_disk = load_file(folder / "model.safetensors")
-    model = qwen2audio.load(folder).model
+    model = qwen2audio.load(folder).model  # waits until the weights are in memory of their own
     with torch.no_grad():
         model.language_model.lm_head.weight.zero_()
     assert (folder / "model.safetensors").read_bytes() == before
@@ -150,8 +150,9 @@ MEASURE_LOAD = textwrap.dedent("""
     def vm(field):
         return int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read())[1]) * 1024
     base = vm("VmRSS")
-    model = qwen2audio.load(sys.argv[1], dtype=sys.argv[2], quantize=sys.argv[3] or None, quiet=True).model
-    state = model.state_dict()
+    pipe = qwen2audio.load(sys.argv[1], dtype=sys.argv[2], quantize=sys.argv[3] or None, quiet=True)
+    assert pipe.wait_until_ready(60) and pipe.moving.error is None
+    state = pipe.model.state_dict()
     for t in state.values():
         t.reshape(-1)[::1024].float().sum()  # reads every page (4 kB) of every weight
     print(json.dumps({"peak": vm("VmHWM") - base, "weights": sum(t.numel() * t.element_size()
@@ -259,3 +260,46 @@ def test_loading_touches_nothing_outside_our_model(tiny_checkpoint):
     plain = qwen2audio.load_model(tiny_checkpoint, quiet=True)
     assert all(type(m) is torch.nn.Linear for n, m in plain.named_modules() if n.endswith(("_proj", "lm_head")))
     assert model is not None
+
+
+def mapping_range(mapping) -> range:
+    import ctypes
+
+    start = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+    return range(start, start + len(mapping))
+
+
+def test_mapped_weights_move_into_memory_while_the_model_answers(tiny_checkpoint):
+    """load() maps the files and returns; a background thread moves each mapped tensor into memory of its own and
+    swaps it in. Replies computed while tensors are swapped under them equal the replies before and after."""
+    import threading
+
+    from qwen2audio.resident import MoveIntoMemory
+    from qwen2audio.weights import load_weights
+
+    on_disk = load_file(tiny_checkpoint / "model.safetensors")
+    pipe = qwen2audio.load(tiny_checkpoint, quiet=True)
+    assert pipe.wait_until_ready(30) and pipe.moving.error is None
+    moved = {name for name, _, _ in pipe.moving.mapped}
+    assert {"language_model.lm_head.weight", "language_model.model.embed_tokens.weight"} <= moved
+    params = dict(pipe.model.named_parameters())
+    for name, mapping, _ in pipe.moving.mapped:
+        assert params[name].data_ptr() not in mapping_range(mapping)  # in memory of its own now
+        assert torch.equal(params[name], on_disk[name])
+
+    # The same by hand, with generation running in another thread while the tensors are swapped under it.
+    mapped: list = []
+    model = load_weights(tiny_checkpoint, map_files=True, mapped=mapped)
+    pipe = qwen2audio.Qwen2Audio(model, tiny_checkpoint, None)
+    ids = torch.tensor([[100, 200, 300, 400]])
+    expected = pipe.generate(ids, max_new_tokens=12, do_sample=False, ignore_eos=True)
+    replies = []
+    reader = threading.Thread(target=lambda: replies.extend(
+        pipe.generate(ids, max_new_tokens=12, do_sample=False, ignore_eos=True) for _ in range(8)))
+    reader.start()
+    mover = MoveIntoMemory(model, mapped)
+    reader.join()
+    assert mover.wait(30) and mover.error is None and len(replies) == 8
+    assert all(torch.equal(r, expected) for r in replies)
+    assert all(dict(model.named_parameters())[name].data_ptr() not in mapping_range(m) for name, m, _ in mapped)
+    assert torch.equal(pipe.generate(ids, max_new_tokens=12, do_sample=False, ignore_eos=True), expected)
