@@ -15,7 +15,7 @@ from helpers import test_signal
 from serve_helpers import KEY, NAME, b64, model_folder, request, start, wav_bytes
 
 import qwen2audio
-from qwen2audio.processor import base_prompt
+from qwen2audio.chat_template import apply_chat_template, base_prompt
 from qwen2audio.serve.schema import ASR_PROMPT
 
 openai = pytest.importorskip("openai")
@@ -76,8 +76,8 @@ def test_chat_with_audio_equals_the_pipeline(work, pipe, client, kind):
     expected = pipe.chat([local_message(work, 0, "What is it?")], max_new_tokens=10, do_sample=False)
     assert expected and reply.choices[0].message.content == expected
     assert reply.object == "chat.completion" and reply.model == NAME and reply.id.startswith("chatcmpl-")
-    ids = pipe.inputs(pipe.processor.apply_chat_template([local_message(work, 0, "What is it?")]),
-                      [str(work / "0.wav")])["input_ids"]
+    prompt = apply_chat_template([local_message(work, 0, "What is it?")], add_generation_prompt=True)
+    ids = pipe.inputs(prompt, [str(work / "0.wav")])["input_ids"]
     assert reply.usage.prompt_tokens == ids.shape[1]  # the audio tokens counted
     assert int((ids == pipe.processor.audio_token_id).sum()) == 37  # 1.5 s: 37 audio tokens
     assert reply.choices[0].finish_reason in ("stop", "length")
