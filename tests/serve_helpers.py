@@ -106,4 +106,5 @@ def multipart(fields: dict[str, str], file: bytes | None) -> tuple[bytes, dict]:
     if file is not None:
         parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
                      f'Content-Type: audio/wav\r\n\r\n'.encode() + file + b"\r\n")
-    return b"".join(parts) + f"--{boundary}--\r\n".encode(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}

@@ -55,6 +55,7 @@ BAD_REQUESTS = [
     (chat(top_k=-2), 400, "top_k"), (chat(repetition_penalty=0), 400, "repetition_penalty"),
     (chat(frobnicate=1), 400, "frobnicate"), (chat(stream_options={"include_usage": True}), 400, "stream_options"),
     (chat(max_tokens=250), 400, "max_tokens"),  # the prompt + 250 exceed the 256-token context
+    (chat("<|AUDIO|> in the text, but no clip"), 400, "messages"),
     ({"model": NAME, "messages": []}, 400, "messages"),
     ({"model": NAME, "messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role"),
     ({"messages": [{"role": "user", "content": "x"}]}, 400, "model"),

@@ -28,12 +28,12 @@ from starlette.routing import Route
 
 from ..pipeline import Qwen2Audio
 from . import shapes
-from .bodies import EventStream, parse_form, parse_json, read_body
-from .errors import APIError, bad_request
+from .bodies import EventStream, parse_form, read_body
+from .errors import APIError
 from .guard import Guard
 from .prompts import Limits, prepare, server_busy
 from .scheduler import Job, Scheduler
-from .schema import ChatRequest, chat_request, transcription_request
+from .schema import ChatRequest, parse_chat, transcription_request
 
 log = logging.getLogger("qwen2audio.serve")
 
@@ -80,10 +80,14 @@ class Service:
         finally:
             self.inflight -= 1
 
+    async def blocking(self, function: Callable, *args: object) -> object:
+        """function(*args) in the worker pool: the event loop keeps serving meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, function, *args)
+
     async def submit(self, chat: ChatRequest) -> tuple[Job, asyncio.Queue]:
         """Decode and check in the worker pool, then hand the job to the scheduler; events arrive on the queue."""
+        prepared = await self.blocking(prepare, self.pipe, chat, self.config.limits)
         loop = asyncio.get_running_loop()
-        prepared = await loop.run_in_executor(self.pool, prepare, self.pipe, chat, self.config.limits)
         queue: asyncio.Queue = asyncio.Queue()
 
         def emit(event: tuple) -> None:  # called from the model thread
@@ -131,10 +135,7 @@ class Service:
     async def chat_completions(self, request: Request) -> Response:
         body = await read_body(request, self.config.max_body_bytes)
         with self.admitted():
-            try:
-                chat = chat_request(parse_json(body), self.config.served_name)
-            except RecursionError:
-                raise bad_request("the request body nests too deeply") from None
+            chat = await self.blocking(parse_chat, body, self.config.served_name)
             job, queue = await self.submit(chat)
             if not chat.stream:
                 text, finish, prompt_tokens, completion_tokens = await self.collect(request, job, queue)

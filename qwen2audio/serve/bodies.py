@@ -1,6 +1,5 @@
 """Reading request bodies within limits, and the event-stream response."""
 
-import json
 from collections.abc import AsyncIterator, Callable
 
 from starlette.datastructures import UploadFile
@@ -43,13 +42,6 @@ class EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.on_close()
-
-
-def parse_json(body: bytes) -> object:
-    try:
-        return json.loads(body)
-    except (UnicodeDecodeError, ValueError):
-        raise bad_request("the request body is not valid JSON", None, "invalid_json") from None
 
 
 async def parse_form(request: Request, body: bytes) -> tuple[dict[str, str], bytes | None]:

@@ -7,6 +7,7 @@ error body is the contract, and each field's range is GenerationOptions' (checke
 
 import base64
 import binascii
+import json
 import math
 from dataclasses import dataclass
 
@@ -172,6 +173,16 @@ def messages(body: dict) -> tuple[list[dict], list[AudioItem]]:
                               f"messages[{i}].role")
         out.append({"role": ROLES[role], "content": _content(message.get("content"), f"messages[{i}].content", audio)})
     return out, audio
+
+
+def parse_chat(body: bytes, served_name: str) -> ChatRequest:
+    """The request from the body's bytes (run in the worker pool: a 25 MB body takes a while to parse)."""
+    try:
+        return chat_request(json.loads(body), served_name)
+    except (UnicodeDecodeError, ValueError):
+        raise bad_request("the request body is not valid JSON", None, "invalid_json") from None
+    except RecursionError:
+        raise bad_request("the request body nests too deeply") from None
 
 
 def chat_request(body: object, served_name: str) -> ChatRequest:
