@@ -15,7 +15,7 @@ import contextlib
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -70,7 +70,7 @@ class Service:
                            "invalid_api_key")
 
     @contextlib.contextmanager
-    def admitted(self):
+    def admitted(self) -> Iterator[None]:
         limit = self.scheduler.max_batch + self.config.max_queue
         if self.inflight >= limit:
             raise server_busy(self.inflight, limit)
@@ -121,6 +121,8 @@ class Service:
             if not answer.done():
                 answer.cancel()
                 self.scheduler.cancel(job)
+        if answer.cancelled():  # the client left: nobody reads what is answered now
+            raise ClientDisconnect()
         return answer.result()
 
     # -- routes -------------------------------------------------------------------------------------------------
@@ -195,7 +197,7 @@ def endpoint(service: Service, handler: Callable, auth: bool = True) -> Callable
             return await handler(request)
         except APIError as error:
             return error_response(error)
-        except ClientDisconnect:  # the client left while sending its body: nobody reads this
+        except ClientDisconnect:  # the client left (sending its body, or waiting for its reply): nobody reads this
             return Response(status_code=400)
         except Exception:
             log.exception("internal error on %s %s", request.method, request.url.path)
