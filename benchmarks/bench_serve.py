@@ -108,12 +108,14 @@ def one_request(port: int, clip: str, new_tokens: int) -> dict[str, float]:
     return {"ttft_s": first or 0.0, "tokens": tokens}
 
 
-def phase(port: int, clients: int, per_client: int, clips: list[str], new_tokens: int) -> dict[str, float]:
+def phase(port: int, clients: int, per_client: int, clips: list[str], new_tokens: int,
+          stagger: float = 0.0) -> dict[str, float]:
     results: list[dict[str, float]] = []
     lock, go = threading.Lock(), threading.Barrier(clients + 1)
 
     def client(k: int) -> None:
         go.wait()
+        time.sleep(k * stagger)  # 0: every client starts at once (every first request arrives together)
         for r in range(per_client):
             result = one_request(port, clips[(k * per_client + r) % len(clips)], new_tokens)
             with lock:
@@ -142,7 +144,8 @@ def report(runs: dict[int, list[dict[str, float]]], args: argparse.Namespace) ->
         rows.append([str(clients), str(results[0]["requests"]), cell([r["tokens_per_s"] for r in results], 1),
                      cell([r["ttft_p50_s"] for r in results], 2), cell([r["ttft_p95_s"] for r in results], 2)])
     title = (f"qwen2audio serve: {args.text_layers} decoder + {args.audio_layers} encoder layers of the 7B's widths, "
-             f"bf16, {args.new_tokens} tokens per reply, --max-batch {args.max_batch}; {machine()}; median "
+             f"bf16, {args.new_tokens} tokens per reply, --max-batch {args.max_batch}, clients started "
+             f"{f'{args.stagger} s apart' if args.stagger else 'at once'}; {machine()}; median "
              f"(min-max) of {args.repeat} runs")
     print_table(title, ["clients", "requests", "aggregate tokens/s", "TTFT p50 s", "TTFT p95 s"], rows,
                 markdown=args.markdown)
@@ -162,6 +165,8 @@ def main() -> None:
     parser.add_argument("--per-client", type=int, default=3, help="requests each client sends one after another")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--stagger", type=float, default=0.0,
+                        help="seconds between the clients' starts (default 0: all at once, the worst case for TTFT)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--json", type=Path, help="also write every measurement to this file")
@@ -176,7 +181,7 @@ def main() -> None:
         runs: dict[int, list[dict[str, float]]] = {c: [] for c in args.clients}
         for round_ in range(args.repeat):
             for clients in args.clients:
-                runs[clients].append(phase(port, clients, args.per_client, clips, args.new_tokens))
+                runs[clients].append(phase(port, clients, args.per_client, clips, args.new_tokens, args.stagger))
                 print(f"round {round_ + 1}, {clients} clients: {runs[clients][-1]}", file=sys.stderr, flush=True)
     finally:
         process.terminate()

@@ -9,6 +9,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import openai
 import pytest
 import torch
 from helpers import test_signal
@@ -17,8 +18,6 @@ from serve_helpers import KEY, NAME, b64, model_folder, request, start, wav_byte
 import qwen2audio
 from qwen2audio.chat_template import apply_chat_template, base_prompt
 from qwen2audio.serve.schema import ASR_PROMPT
-
-openai = pytest.importorskip("openai")
 
 
 @pytest.fixture(scope="module", autouse=True)
