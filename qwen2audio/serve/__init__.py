@@ -1,7 +1,9 @@
 """`qwen2audio serve`: an OpenAI-compatible HTTP server with audio input and continuous batching.
 
     cli.py        the `serve` subcommand: its options, loading, starting uvicorn
-    app.py        the Starlette app: routes, body limits, API key and origin checks, streaming (SSE)
+    app.py        the Starlette app: routes, the API key, admission (queue, then 429), replies and streams
+    bodies.py     request bodies read within the body limit (JSON, multipart); the event-stream response
+    guard.py      Host and Origin checks: no other web site's page can use the server through a browser
     schema.py     the request schema: OpenAI's JSON checked field by field, turned into a prompt and options
     prompts.py    client audio decoded in a worker pool (strict AudioPolicy), then the processor's model inputs
     scheduler.py  the batch scheduler: one model thread that owns the batch KV cache
