@@ -135,16 +135,14 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         raise InputError("the server needs its web packages: pip install 'qwen2audio[serve]' (starlette, uvicorn, "
                          "python-multipart)") from None
-    import qwen2audio
-
+    from ..commands import load_pipeline
     from .app import build_app
 
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(format="%(name)s: %(message)s")  # main() may have set it up already
     logging.getLogger("qwen2audio.serve").setLevel(level)  # one line per request; with --debug, per decode step
     sock = bind(args.host, args.port)  # a taken port is an error before the weights load
-    pipe = qwen2audio.load(args.model, dtype=None if args.dtype == "auto" else args.dtype, device=args.device,
-                           quantize=args.quantize, compile=args.compile, mmap=args.mmap, quiet=args.quiet)
+    pipe, _ = load_pipeline(args)  # as every subcommand loads
     scheduler, config = server_parts(pipe, args)
     if not config.loopback_only and not args.api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach this address can use the "
