@@ -6,6 +6,7 @@
     qwen2audio caption --audio clip.wav                        the base model's caption
     qwen2audio transcribe speech.wav --language en             speech to text (the base model's ASR prompt)
     qwen2audio eval --task asr --data librispeech_eval.jsonl   an official benchmark, scored the official way
+    qwen2audio serve --port 8000                               an OpenAI-compatible server (the serve extra)
 
 Errors a user can cause print one line `error: ...` on stderr and exit non-zero; --debug shows the traceback.
 """
@@ -125,6 +126,9 @@ def _add_subcommands(sub: argparse._SubParsersAction) -> None:
     from .evaluation.cli import add_parser as add_eval_parser
 
     add_eval_parser(sub, common_options())
+    from .serve.cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub, common_options())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,6 +171,10 @@ def run(args: argparse.Namespace) -> int:
         from .evaluation.cli import run as run_eval
 
         return run_eval(args)
+    if args.command == "serve":
+        from .serve.cli import run as run_serve
+
+        return run_serve(args)
     paths = args.files if args.command == "transcribe" else args.audio
     if paths.count("-") > 1:
         raise InputError("'-' (stdin) can be given as audio once only")

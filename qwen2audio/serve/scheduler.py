@@ -1,0 +1,220 @@
+"""Continuous batching: one model thread owns a batch KV cache of max_batch rows and keeps every request moving.
+
+Each turn of the thread's loop (1) prefills the requests that arrived into free rows, each alone into its own row
+(`cache.rows(i, i + 1)`), so a prompt never waits for another's padding, and (2) runs one decode step for all active
+rows together: rows sit at different cache slots (input_pos is (B, 1)), which attention handles exactly as if each
+were alone (tests/test_generate.py::test_rows_at_different_cache_slots_decode_as_if_alone). Each row's logits go
+through its own GenerationOptions (its temperature, top-p, seed, penalties, stop ids), each row stops on its own (eos,
+a stop string, max_tokens), and a row is freed as soon as its request ends or its client disconnects. The event loop
+never waits on the model: jobs come in through `submit`, text goes out through each job's `emit` callback.
+"""
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..generate import GenerationOptions, decode_step, prefill, process_logits, sample, seen_token_mask
+from ..model import causal_padding_mask
+from ..pipeline import Qwen2Audio
+from ..tokenizer import StreamDecoder
+from .errors import APIError
+
+log = logging.getLogger("qwen2audio.serve")
+_ids = itertools.count(1)
+
+
+class Job:
+    """One request's generation. `emit` is called from the model thread with ("text", str), ("done", finish_reason,
+    prompt_tokens, completion_tokens) or ("error", APIError); it must not block."""
+
+    def __init__(self, inputs: dict[str, Tensor], options: GenerationOptions, stop: tuple[str, ...],
+                 emit: Callable[[tuple], None]) -> None:
+        self.id = f"{next(_ids)}"
+        self.inputs, self.options, self.stop, self.emit = inputs, options, stop, emit
+        self.cancelled = False  # set from the event loop (client gone); the model thread frees the row
+
+
+class StopText:
+    """Holds back text that may be the start of a stop string, so a stop string is never sent to the client."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops, self.held = stops, ""
+
+    def put(self, piece: str) -> tuple[str, bool]:
+        """(the text that can be sent now, whether a stop string was found: the text ends before it)"""
+        text = self.held + piece
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.held = ""
+            return text[:min(hits)], True
+        keep = max((k for s in self.stops for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])),
+                   default=0)
+        self.held = text[len(text) - keep:]
+        return text[:len(text) - keep], False
+
+
+@dataclass
+class Row:
+    """A request's state while it holds a cache row (model thread only)."""
+    job: Job
+    slot: int  # the cache slot (and RoPE position) the next fed token is written to
+    seen: Tensor  # (1, V) bool: ids in the prompt and the reply, for the repetition penalty
+    eos: Tensor  # (n_eos,) stop ids
+    generator: torch.Generator | None
+    decoder: StreamDecoder
+    stops: StopText
+    token: int = 0  # the last token generated: the next step's input
+    n: int = 0  # tokens generated
+    peak: int = 1  # the most requests that shared one of its decode steps
+    start: float = field(default_factory=time.perf_counter)
+
+
+class Scheduler:
+    def __init__(self, pipe: Qwen2Audio, max_batch: int, context: int) -> None:
+        self.pipe, self.model, self.max_batch, self.context = pipe, pipe.model, max_batch, context
+        self.cache = self.model.new_cache(max_batch, context)  # (max_batch, kv_heads, context, head_dim) per layer
+        self.ones = torch.ones(max_batch, context, dtype=torch.bool, device=self.model.device)  # no row has padding
+        self.rows: list[Row | None] = [None] * max_batch
+        self.pending: deque[Job] = deque()
+        self.wake = threading.Condition()
+        self.closing = False
+        # A compiled decode step keeps one shape (all rows); eager decoding runs only up to the last active row.
+        self.full_width = pipe.decode_fn is not decode_step
+        self.thread = threading.Thread(target=self._run, name="qwen2audio-model", daemon=True)
+        self.steps = 0  # decode steps run, for the log and the tests
+
+    # -- the event loop's side ----------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self.wake:
+            self.pending.append(job)
+            self.wake.notify()
+
+    def cancel(self, job: Job) -> None:
+        """The client is gone: the row (or the queue place) is freed before the next decode step."""
+        job.cancelled = True
+        with self.wake:
+            self.wake.notify()
+
+    def close(self) -> None:
+        with self.wake:
+            self.closing = True
+            self.wake.notify()
+        self.thread.join(timeout=30)
+
+    # -- the model thread ---------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while (admitted := self._wait_for_work()) is not None:
+                for i, job in admitted:
+                    self._guarded([i], lambda: self._prefill(i, job))
+                self._drop_cancelled()
+                active = [i for i, row in enumerate(self.rows) if row]
+                if active:
+                    self._guarded(active, lambda: self._step(active))
+
+    def _wait_for_work(self) -> list[tuple[int, Job]] | None:
+        """Block until there is something to do; take waiting jobs into free rows. None: the server is closing."""
+        with self.wake:
+            while not self.closing and not self.pending and not any(self.rows):
+                self.wake.wait()
+            if self.closing:
+                return None
+            admitted = []
+            free = [i for i, row in enumerate(self.rows) if row is None]
+            while self.pending and len(admitted) < len(free):
+                job = self.pending.popleft()
+                if not job.cancelled:
+                    admitted.append((free[len(admitted)], job))
+            return admitted
+
+    def _guarded(self, indices: list[int], work: Callable[[], None]) -> None:
+        """Run work; if it fails, end the requests of those rows with a 500 (logged with its traceback) and go on."""
+        try:
+            work()
+        except Exception as error:
+            log.exception("the model failed on rows %s", indices)
+            message = str(error) if isinstance(error, APIError) else "the model failed on this request; see the log"
+            for i in indices:
+                if self.rows[i] is not None:
+                    self.rows[i].job.emit(("error", error if isinstance(error, APIError) else APIError(500, message)))
+                    self.rows[i] = None
+
+    def _prefill(self, i: int, job: Job) -> None:
+        device, o = self.model.device, job.options
+        ids = job.inputs["input_ids"].to(device)  # (1, T)
+        features = job.inputs.get("input_features")
+        frames = job.inputs.get("feature_attention_mask")
+        self.rows[i] = Row(job, ids.shape[1], seen_token_mask(ids, torch.ones_like(ids), self.model.cfg.vocab_size),
+                           torch.tensor(o.eos_token_ids, dtype=torch.long, device=device),
+                           None if o.seed is None else torch.Generator(device=device).manual_seed(o.seed),
+                           self.pipe.tokenizer.stream(skip_special_tokens=True), StopText(job.stop))
+        logits = prefill(self.model, ids, self.ones[:1], self.cache.rows(i, i + 1),
+                         None if features is None else features.to(device),
+                         None if frames is None else frames.to(device))  # (1, V)
+        log.debug("request %s: prefilled %d tokens into row %d", job.id, ids.shape[1], i)
+        self._advance(i, logits, 1)
+
+    def _drop_cancelled(self) -> None:
+        for i, row in enumerate(self.rows):
+            if row is not None and row.job.cancelled:
+                log.info("request %s: client gone after %d tokens; row %d freed", row.job.id, row.n, i)
+                self.rows[i] = None
+
+    def _step(self, active: list[int]) -> None:
+        """One decode step for every active row, each at its own slot; then each row's next token."""
+        width = self.max_batch if self.full_width else active[-1] + 1
+        tokens = [0] * width  # rows outside `active` are free: they write slot 0 of their own row, never read
+        slots = [0] * width
+        for i in active:
+            tokens[i], slots[i] = self.rows[i].token, self.rows[i].slot
+        device = self.model.device
+        tokens = torch.tensor(tokens, device=device)[:, None]  # (width, 1)
+        input_pos = torch.tensor(slots, device=device)[:, None]  # (width, 1): positions equal slots, no padding
+        mask = causal_padding_mask(self.ones[:width], input_pos, self.context)  # (width, 1, 1, context)
+        cache = self.cache if width == self.max_batch else self.cache.rows(0, width)
+        logits = self.pipe.decode_fn(self.model, tokens, input_pos, cache, input_pos, mask)  # (width, V)
+        self.steps += 1
+        log.debug("decode step %d: %d requests (%s) in rows %s", self.steps, len(active),
+                  " ".join(self.rows[i].job.id for i in active), active)
+        for i in active:
+            self.rows[i].slot += 1
+            self._advance(i, logits[i:i + 1], len(active))
+
+    def _advance(self, i: int, logits: Tensor, sharing: int) -> None:
+        """Pick row i's next token from its logits (1, V) with its own options; send its text; end it if done."""
+        row, o = self.rows[i], self.rows[i].job.options
+        if not bool(torch.isfinite(logits).all()):
+            raise APIError(500, "the model computed NaN or infinite logits (broken weights, or float16 overflow)")
+        scores = process_logits(logits, row.seen, row.n, row.eos, o)
+        token = int(sample(scores, row.generator) if o.do_sample else scores.argmax(dim=-1))
+        row.seen[0, token] = True
+        row.token, row.n, row.peak = token, row.n + 1, max(row.peak, sharing)
+        is_eos = not o.ignore_eos and token in o.eos_token_ids
+        text, hit = row.stops.put("" if is_eos else row.decoder.put(token))
+        finish = "stop" if is_eos or hit else "length" if row.n >= o.max_new_tokens else None
+        if finish and not hit:  # the end: what the decoder and the stop matcher held back
+            tail, hit = row.stops.put(row.decoder.flush())
+            text += tail + ("" if hit else row.stops.held)
+            finish = "stop" if hit else finish
+        if text:
+            row.job.emit(("text", text))
+        if finish:
+            self._finish(i, finish)
+
+    def _finish(self, i: int, reason: str) -> None:
+        row = self.rows[i]
+        self.rows[i] = None
+        prompt_tokens = row.job.inputs["input_ids"].shape[1]
+        row.job.emit(("done", reason, prompt_tokens, row.n))
+        log.info("request %s: %d prompt + %d completion tokens, finish %s, %.2f s, decode steps shared with up to %d "
+                 "requests", row.job.id, prompt_tokens, row.n, reason, time.perf_counter() - row.start, row.peak)
