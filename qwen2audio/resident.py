@@ -13,8 +13,10 @@ a late reader would fault them in again, unchanged. An in-place edit of a weight
 lost, so `Qwen2Audio.model`, the way to the weights from outside, waits for `ready`.
 """
 
+import atexit
 import mmap
 import threading
+import weakref
 
 import torch
 from torch import nn
@@ -22,6 +24,16 @@ from torch import nn
 from .checkpoint import TensorEntry, empty_on_huge_pages
 
 MappedTensor = tuple[str, mmap.mmap, TensorEntry]  # (parameter name, the file mapping, where it lies in it)
+_RUNNING: "weakref.WeakSet[MoveIntoMemory]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_at_exit() -> None:
+    """At interpreter exit, stop every move between two tensors and wait for it: a daemon thread still inside a
+    torch copy when the interpreter goes away aborts the process ("terminate called without an active exception")."""
+    for mover in list(_RUNNING):
+        mover.stop.set()
+        mover.thread.join()
 
 
 class MoveIntoMemory:
@@ -31,9 +43,10 @@ class MoveIntoMemory:
     def __init__(self, model: nn.Module, mapped: list[MappedTensor]) -> None:
         self.model, self.mapped = model, mapped
         self.mappings = {id(m): m for _, m, _ in mapped}  # kept open while the model lives (see the module doc)
-        self.ready = threading.Event()
+        self.ready, self.stop = threading.Event(), threading.Event()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="qwen2audio-move-into-memory", daemon=True)
+        _RUNNING.add(self)
         self.thread.start()
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -43,6 +56,8 @@ class MoveIntoMemory:
     def _run(self) -> None:
         try:
             for name, mapping, entry in self.mapped:
+                if self.stop.is_set():
+                    break
                 params = dict(self.model.named_parameters(remove_duplicate=False))
                 old = params[name]
                 new = empty_on_huge_pages(entry)
