@@ -6,6 +6,7 @@ One browser and one server serve every test; each test loads the page afresh. Th
 request it was given, so a test sees what the page sent and how each request ended.
 """
 
+import base64
 import io
 import os
 import re
@@ -132,6 +133,21 @@ def test_a_file_and_a_question_stream_a_reply_equal_to_the_pipeline(page, work, 
     assert "input_features" in server.scheduler.jobs[-1].inputs  # the server was sent the audio
     loaded = js(page, "return performance.getEntriesByType('resource').map(e => e.name)")
     assert loaded and all(name.startswith(server.url) for name in loaded), loaded  # nothing from elsewhere
+
+
+def test_a_dropped_file_joins_the_message(page, work):
+    """A drop event carrying a file, as the browser sends it when a file is dragged onto the page."""
+    page.execute_script("""
+        const file = new File([Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0))], 'dropped.wav',
+                              {type: 'audio/wav'});
+        const transfer = new DataTransfer();
+        transfer.items.add(file);
+        document.getElementById('conversation').dispatchEvent(new DragEvent('drop', {dataTransfer: transfer,
+                                                                                    bubbles: true}));
+    """, base64.b64encode((work / "clip.wav").read_bytes()).decode())
+    assert [e.text for e in page.find_elements(By.CSS_SELECTOR, "#attachments figcaption")] == ["dropped.wav"]
+    assert clip_bytes(page, "#attachments audio") == (work / "clip.wav").read_bytes()
+    assert element(page, "send").is_enabled()
 
 
 def test_two_turns_send_the_whole_conversation_and_a_screenshot_is_saved(page, work, pipe):

@@ -76,7 +76,13 @@ function refresh() {
   $("regenerate").disabled = busy || turns.length === 0;
   $("clear").disabled = turns.length === 0 && !busy;
   $("empty").hidden = turns.length > 0;
+}
+
+// The clips waiting in the message being written, each with a player and a remove button.
+function setPending(clips) {
+  pending = clips;
   $("attachments").replaceChildren(...pending.map((clip) => clipView(clip, () => removePending(clip))));
+  refresh();
 }
 
 // ---- settings ------------------------------------------------------------------------------------------------
@@ -121,43 +127,35 @@ async function connect() {
 
 // ---- the message being written ---------------------------------------------------------------------------------
 function addFiles(files) {
-  for (const file of files) pending.push(makeClip(file, file.name, formatOf(file)));
-  refresh();
+  setPending([...pending, ...[...files].map((file) => makeClip(file, file.name, formatOf(file)))]);
 }
 
 function removePending(clip) {
-  pending = pending.filter((c) => c !== clip);
   URL.revokeObjectURL(clip.url);
-  refresh();
+  setPending(pending.filter((c) => c !== clip));
 }
 
+// Record starts the microphone; pressed again, it stops, and the recording joins the message being written.
 async function toggleRecording() {
   const button = $("record");
-  if (recorder === null) {
-    recorder = new Recorder(showLevel);
-    try {
-      await recorder.start();
-    } catch (error) {
-      recorder = null;
-      showError(error.message);
-      return;
-    }
-    button.textContent = "Stop recording";
-    button.ariaPressed = "true";
-    $("recording").hidden = false;
-    return;
-  }
-  const active = recorder;
-  recorder = null;
-  button.textContent = "Record";
-  button.ariaPressed = "false";
-  $("recording").hidden = true;
+  button.disabled = true; // until the microphone has started or stopped
   try {
-    const wav = await active.stop();
-    pending.push(makeClip(wav, `recording ${++recordings}.wav`, "wav"));
-    refresh();
+    if (recorder === null) {
+      const starting = new Recorder(showLevel);
+      await starting.start();
+      recorder = starting;
+    } else {
+      const active = recorder;
+      recorder = null;
+      setPending([...pending, makeClip(await active.stop(), `recording ${++recordings}.wav`, "wav")]);
+    }
   } catch (error) {
     showError(error.message);
+  } finally {
+    button.disabled = false;
+    button.textContent = recorder === null ? "Record" : "Stop recording";
+    button.ariaPressed = String(recorder !== null);
+    $("recording").hidden = recorder === null;
   }
 }
 
@@ -172,8 +170,8 @@ function send() {
   const text = input.value.trim();
   if (controller !== null || (!text && pending.length === 0)) return;
   addTurn({ role: "user", clips: pending, text });
-  pending = [];
   input.value = "";
+  setPending([]);
   reply();
 }
 
@@ -221,7 +219,9 @@ async function reply() {
       answer.node.querySelector(".text").textContent = answer.text;
       followConversation();
     });
-    if (finish === "length") answer.node.querySelector(".status").textContent = "cut off at the token limit (Settings: max new tokens)";
+    if (finish === "length") {
+      answer.node.querySelector(".status").textContent = "cut off at the token limit (Settings: max new tokens)";
+    }
   } catch (error) {
     if (error.name !== "AbortError") {
       removeTurn(answer);
@@ -252,6 +252,7 @@ function regenerate() {
 
 function clear() {
   stop();
+  turns.filter((turn) => turn.role === "user").forEach((turn) => turn.clips.forEach((c) => URL.revokeObjectURL(c.url)));
   while (turns.length > 0) removeTurn(lastTurn());
   hideError();
 }
@@ -267,9 +268,8 @@ function fail(error, names) {
   const last = lastTurn();
   if (!last || last.role !== "user") return;
   removeTurn(last);
-  pending = [...last.clips, ...pending];
   input.value = [last.text, input.value].filter(Boolean).join("\n");
-  refresh();
+  setPending([...last.clips, ...pending]);
 }
 
 function showError(message) {
@@ -290,9 +290,10 @@ input.addEventListener("keydown", (event) => {
   if (event.key === "Enter" && !event.shiftKey && !event.isComposing) { // Shift+Enter: a new line
     event.preventDefault();
     send();
-  } else if (event.key === "Escape") {
-    stop();
   }
+});
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Escape") stop();
 });
 input.addEventListener("input", refresh);
 $("stop").addEventListener("click", stop);
@@ -308,8 +309,10 @@ $("dismiss").addEventListener("click", hideError);
 $("settings").addEventListener("input", saveSettings);
 $("api-key").addEventListener("change", connect);
 
-// Files dropped anywhere on the page join the message being written.
+// Files dropped anywhere on the page join the message being written (dragged text still drops into the box).
+const carriesFiles = (event) => event.dataTransfer.types.includes("Files");
 document.addEventListener("dragover", (event) => {
+  if (!carriesFiles(event)) return;
   event.preventDefault();
   document.body.classList.add("dropping");
 });
@@ -317,6 +320,7 @@ document.addEventListener("dragleave", (event) => {
   if (event.relatedTarget === null) document.body.classList.remove("dropping");
 });
 document.addEventListener("drop", (event) => {
+  if (!carriesFiles(event)) return;
   event.preventDefault();
   document.body.classList.remove("dropping");
   addFiles(event.dataTransfer.files);
