@@ -6,10 +6,12 @@ capture device, fed from a WAV file and allowed without a prompt.
 
 import base64
 import os
+import re
 import shutil
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -131,3 +133,25 @@ def clip_bytes(driver: webdriver.Chrome, selector: str) -> bytes:
 def error_text(driver: webdriver.Chrome) -> str | None:
     """The error the page shows, or None."""
     return None if element(driver, "error").get_attribute("hidden") is not None else element(driver, "error-text").text
+
+
+def is_stale(element) -> bool:
+    """Whether the element has left the page."""
+    try:
+        element.is_displayed()
+        return False
+    except StaleElementReferenceException:
+        return True
+
+
+def luminance(colour: str) -> float:
+    """WCAG 2 relative luminance of a CSS rgb() colour."""
+    channels = [int(c) / 255 for c in re.findall(r"\d+", colour)[:3]]
+    r, g, b = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def contrast(foreground: str, background: str) -> float:
+    """WCAG 2 contrast ratio: (L1 + 0.05) / (L2 + 0.05), the lighter colour's luminance over the darker's."""
+    high, low = sorted((luminance(foreground), luminance(background)), reverse=True)
+    return (high + 0.05) / (low + 0.05)

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from browser import (add_file, clip_bytes, element, error_text, js, open_page, replies, reply_growth, set_settings,
-                     start_chromium, turn_roles, type_and_send, wait, wait_for_replies, watch_last_reply)
+from browser import (add_file, clip_bytes, contrast, element, error_text, is_stale, js, luminance, open_page, replies,
+                     reply_growth, set_settings, start_chromium, turn_roles, type_and_send, wait, wait_for_replies,
+                     watch_last_reply)
 from helpers import test_signal, write_wav
-from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -32,7 +32,7 @@ from serve_helpers import KEY, NAME, model_folder, request
 import qwen2audio
 from qwen2audio.audio import AudioPolicy
 from qwen2audio.serve.app import ServerConfig, build_app
-from qwen2audio.serve.cli import start_in_thread
+from qwen2audio.serve.cli import page_url, start_in_thread
 from qwen2audio.serve.prompts import Limits
 from qwen2audio.serve.scheduler import Scheduler
 
@@ -197,20 +197,12 @@ def test_regenerate_replaces_the_last_reply(page, pipe, server):
         old = page.find_element(By.CSS_SELECTOR, ".turn.assistant")
         n = len(server.scheduler.jobs)
         element(page, "regenerate").click()
-        wait(page, lambda: _is_stale(old), "the old reply stayed")
+        wait(page, lambda: is_stale(old), "the old reply stayed")
         [reply] = wait_for_replies(page, 1)
         assert turn_roles(page) == ["user", "assistant"]
         assert torch.equal(server.scheduler.jobs[n].inputs["input_ids"], asked)  # the old reply is not in it
         assert reply == first if temperature == "0" else reply != first
     assert first == chat(pipe, [user("Say something.")])
-
-
-def _is_stale(element) -> bool:
-    try:
-        element.is_displayed()
-        return False
-    except StaleElementReferenceException:
-        return True
 
 
 def test_stop_ends_the_stream_and_the_server_frees_the_slot(page, pipe, server):
@@ -274,19 +266,6 @@ def test_without_the_key_the_page_says_so_then_connects(browser, server):
     assert error_text(browser) is None
 
 
-def luminance(colour: str) -> float:
-    """WCAG 2 relative luminance of a CSS rgb() colour."""
-    channels = [int(c) / 255 for c in re.findall(r"\d+", colour)[:3]]
-    r, g, b = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
-    return 0.2126 * r + 0.7152 * g + 0.0722 * b
-
-
-def contrast(foreground: str, background: str) -> float:
-    """WCAG 2 contrast ratio: (L1 + 0.05) / (L2 + 0.05), the lighter colour's luminance over the darker's."""
-    high, low = sorted((luminance(foreground), luminance(background)), reverse=True)
-    return (high + 0.05) / (low + 0.05)
-
-
 def test_a_phone_width_window_and_both_colour_schemes(page):
     colours = "const s = getComputedStyle(document.documentElement); return [s.color, s.backgroundColor]"
     fits = "return document.documentElement.scrollWidth <= innerWidth && " \
@@ -313,6 +292,12 @@ def test_the_page_and_its_files_are_served(server):
         assert status == 200 and text
     assert request(server.port, "GET", "/static/missing.js", key=None)[0] == 404
     assert request(server.port, "GET", "/static/../app.py", key=None)[0] == 404
+
+
+def test_the_page_address_for_each_bind():
+    assert page_url("127.0.0.1", 8000) == "http://127.0.0.1:8000/"
+    assert page_url("0.0.0.0", 8000) == "http://127.0.0.1:8000/"  # a wildcard: through the loopback
+    assert page_url("::", 80) == "http://[::1]:80/" and page_url("::1", 80) == "http://[::1]:80/"
 
 
 def test_serve_open_opens_the_page_in_the_default_browser(work, tmp_path):

@@ -134,7 +134,7 @@ def start_in_thread(app, host: str = "127.0.0.1", port: int = 0, log_level: str 
 def page_url(host: str, port: int) -> str:
     """The web page's address. A wildcard bind (0.0.0.0, ::) is opened through this machine's loopback, where
     browsers also allow the microphone without https."""
-    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
     return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
 
 
