@@ -71,9 +71,13 @@ def set_settings(driver: webdriver.Chrome, values: dict[str, str]) -> None:
 
 
 def open_page(driver: webdriver.Chrome, url: str, key: str, max_tokens: int, model: str) -> None:
-    """The page, freshly loaded, with settings typed in: temperature 0 (greedy), max new tokens, the API key."""
+    """The page, freshly loaded with these settings kept in the browser's storage, where the page keeps the ones a
+    person types in: temperature 0 (greedy), max new tokens, the API key."""
     driver.get(url)
-    set_settings(driver, {"temperature": "0", "max-tokens": str(max_tokens), "api-key": key})
+    js(driver, "localStorage.clear(); localStorage.setItem('qwen2audio.temperature', '0'); "
+               "localStorage.setItem('qwen2audio.max-tokens', arguments[0]); "
+               "sessionStorage.setItem('qwen2audio.api-key', arguments[1]);", str(max_tokens), key)
+    driver.refresh()
     wait(driver, lambda: element(driver, "model").text == model, "the page did not connect")
 
 
