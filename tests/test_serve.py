@@ -152,10 +152,15 @@ def test_32_requests_from_8_clients_share_decode_steps(work, pipe, client, serve
 
 
 def test_the_command_serves_until_stopped(work, tmp_path):
-    """`qwen2audio serve` for real: port 0, the URL printed, /health and /v1/models answered, a key required."""
+    """`qwen2audio serve` for real: port 0, the URL printed, /health and /v1/models answered, a key required; with
+    --open, the web page handed to Python's webbrowser, which runs $BROWSER: here a script noting the URL."""
+    opened = tmp_path / "opened.txt"
+    (tmp_path / "browser.py").write_text(f"import os, sys\nopen({str(opened)!r} + '.part', 'w').write(sys.argv[1])\n"
+                                         f"os.replace({str(opened)!r} + '.part', {str(opened)!r})\n")
     command = [sys.executable, "-m", "qwen2audio", "serve", "--model", str(work / "model"), "--port", "0",
-               "--api-key", KEY, "--served-model-name", "mine", "--quiet"]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+               "--api-key", KEY, "--served-model-name", "mine", "--quiet", "--open"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BROWSER": f"{sys.executable} {tmp_path / 'browser.py'} %s"}
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
     try:
         while not (found := re.search(r"on http://127\.0\.0\.1:(\d+)", process.stderr.readline())):
             assert process.poll() is None, process.stderr.read()
@@ -169,6 +174,13 @@ def test_the_command_serves_until_stopped(work, tmp_path):
         assert status == 200
         assert request(port, "GET", "/v1/models")[1]["data"][0]["id"] == "mine"
         assert request(port, "GET", "/v1/models", key=None)[0] == 401
+        for _ in range(600):
+            if opened.exists():
+                break
+            time.sleep(0.05)
+        assert opened.read_text() == f"http://127.0.0.1:{port}/"
+        status, page = request(port, "GET", "/", key=None)
+        assert status == 200 and "<title>qwen2audio</title>" in page
     finally:
         process.terminate()
         # uvicorn shuts down gracefully, then re-raises the signal it caught: the exit status says SIGTERM

@@ -18,13 +18,15 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from ..pipeline import Qwen2Audio
 from . import shapes
@@ -36,6 +38,7 @@ from .scheduler import Job, Scheduler
 from .schema import ChatRequest, parse_chat, transcription_request
 
 log = logging.getLogger("qwen2audio.serve")
+STATIC = Path(__file__).parent / "static"  # the web page: HTML, CSS and JavaScript, shipped as package data
 
 
 @dataclass(frozen=True)
@@ -205,6 +208,11 @@ def endpoint(service: Service, handler: Callable, auth: bool = True) -> Callable
     return run
 
 
+async def page(request: Request) -> Response:
+    """The web page (static/index.html), which talks to /v1/chat/completions from the browser."""
+    return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+
 async def route_error(request: Request, error: HTTPException) -> Response:
     """Unknown paths (404) and methods (405), in OpenAI's error shape."""
     message = f"no route {request.method} {request.url.path}" if error.status_code == 404 else \
@@ -227,8 +235,10 @@ def build_app(pipe: Qwen2Audio, scheduler: Scheduler, config: ServerConfig) -> S
             service.pool.shutdown(wait=False, cancel_futures=True)
 
     routes = [
-        # issue 14: the web page goes here, unauthenticated like /health: Route("/", page) serving a file of
-        # qwen2audio/serve/static/ (package data); the Guard already limits callers to this server's own pages.
+        # The web page, unauthenticated like /health (it asks for the key itself); the Guard limits callers to
+        # this server's own pages.
+        Route("/", page, methods=["GET"]),
+        Mount("/static", StaticFiles(directory=STATIC)),
         Route("/health", endpoint(service, service.health, auth=False), methods=["GET"]),
         Route("/v1/models", endpoint(service, service.models), methods=["GET"]),
         Route("/v1/chat/completions", endpoint(service, service.chat_completions), methods=["POST"]),

@@ -11,6 +11,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 from ..errors import InputError
@@ -32,6 +33,8 @@ def add_parser(subparsers: argparse._SubParsersAction, common: argparse.Argument
     g.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                    help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV}, else none)")
     g.add_argument("--served-model-name", help="the model's name in the API (default: the folder or repo name)")
+    g.add_argument("--open", action="store_true",
+                   help="open the web page (GET /) in the default browser once the server is listening")
     g.add_argument("--max-batch", type=_positive, default=8, help="requests decoded together (default: %(default)s)")
     g.add_argument("--max-queue", type=_at_least_zero, default=64,
                    help="requests that may wait for a free batch row; beyond, 429 (default: %(default)s)")
@@ -128,6 +131,28 @@ def start_in_thread(app, host: str = "127.0.0.1", port: int = 0, log_level: str 
     return server, sock.getsockname()[1]
 
 
+def page_url(host: str, port: int) -> str:
+    """The web page's address. A wildcard bind (0.0.0.0, ::) is opened through this machine's loopback, where
+    browsers also allow the microphone without https."""
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+
+
+def open_when_listening(server, url: str) -> None:
+    """--open: the page in the default browser (Python's webbrowser: $BROWSER, else the desktop's) as soon as
+    uvicorn serves; a thread waits for that, so the server starts as it always does."""
+    def wait_then_open() -> None:
+        while not server.started:
+            if server.should_exit:
+                return
+            time.sleep(0.05)
+        import webbrowser
+
+        if not webbrowser.open(url):
+            print(f"no browser could be started; open {url} yourself", file=sys.stderr, flush=True)
+    threading.Thread(target=wait_then_open, name="qwen2audio-open", daemon=True).start()
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         import starlette  # noqa: F401
@@ -152,8 +177,11 @@ def run(args: argparse.Namespace) -> int:
               "internal addresses included", file=sys.stderr)
     host, port = sock.getsockname()[:2]
     print(f"serving {config.served_name!r} on http://{host if ':' not in host else f'[{host}]'}:{port} "
-          f"(batch {scheduler.max_batch} x {scheduler.context} tokens)", file=sys.stderr, flush=True)
+          f"(batch {scheduler.max_batch} x {scheduler.context} tokens); the web page: {page_url(host, port)}",
+          file=sys.stderr, flush=True)
     server = uvicorn_server(build_app(pipe, scheduler, config), logging.getLevelName(level).lower(),
                             scheduler.max_batch + config.max_queue + 32)
+    if args.open:
+        open_when_listening(server, page_url(host, port))
     server.run(sockets=[sock])
     return 0
