@@ -1,0 +1,172 @@
+"""LoRA adapters on disk in PEFT's layout: `adapter_config.json` + `adapter_model.safetensors`.
+
+PEFT stores `base_model.model.<module>.lora_A.weight` (r, in) and `.lora_B.weight` (out, r), where <module> is the
+module's name inside transformers' model. transformers 5 renamed Qwen2-Audio's modules (facts §7.4), so the same
+layer has three spellings:
+
+    ours = the Hub checkpoint keys         language_model.model.layers.0.self_attn.q_proj
+    transformers 5 (peft 0.21 writes)      model.language_model.layers.0.self_attn.q_proj
+    transformers 4                         language_model.model.layers.0.self_attn.q_proj   (= ours)
+
+and likewise `language_model.lm_head` / `lm_head`, `audio_tower` / `model.audio_tower`, `multi_modal_projector` /
+`model.multi_modal_projector`. `save_adapter` writes transformers 5's names, the ones peft 0.21.2 on transformers
+5.24 writes and reads (checked: it does not rename transformers-4 keys of the audio tower when loading);
+`load_adapter` reads both. adapter_config.json's target_modules is written as a regex over transformers 5's names
+that selects exactly the wrapped layers.
+"""
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import InputError, WeightsError
+from .lora import LoRALinear, lora_layers, train_only_lora, wrap_linear
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+PREFIX = "base_model.model."
+# (our prefix, transformers 5's), most specific first.
+_RENAMES = (("language_model.model.", "model.language_model."), ("language_model.lm_head", "lm_head"),
+            ("audio_tower.", "model.audio_tower."), ("multi_modal_projector.", "model.multi_modal_projector."))
+
+
+def peft_name(name: str) -> str:
+    """Our module name -> transformers 5's."""
+    for ours, theirs in _RENAMES:
+        if name.startswith(ours):
+            return theirs + name[len(ours):]
+    return name
+
+
+def our_name(name: str) -> str:
+    """A module name of transformers 5 or 4 -> ours (4's are ours already)."""
+    for ours, theirs in _RENAMES:
+        if name.startswith(theirs):
+            return ours + name[len(theirs):]
+    return name
+
+
+def targets_regex(model: nn.Module, wrapped: list[str]) -> str:
+    """A regex (fullmatch, transformers 5's names) selecting exactly the wrapped layers: `\\d+` for the layer index
+    when that selects the same set, else the names one by one."""
+    chosen = {peft_name(n) for n in wrapped}
+    linears = {peft_name(n) for n, m in model.named_modules() if isinstance(m, nn.Linear)} | chosen
+    general = sorted({re.escape(re.sub(r"\.layers\.\d+\.", ".layers.<N>.", n)).replace("<N>", r"\d+")
+                      for n in chosen})
+    regex = "|".join(general)
+    if {n for n in linears if re.fullmatch(regex, n)} == chosen:
+        return regex
+    return "|".join(re.escape(n) for n in sorted(chosen))
+
+
+def adapter_config(model: nn.Module, base_model: str | None = None) -> dict:
+    """adapter_config.json for the model's LoRA layers; layers whose r or alpha differ from the most common go to
+    rank_pattern / alpha_pattern under their full transformers-5 name."""
+    layers = lora_layers(model)
+    if not layers:
+        raise InputError("the model has no LoRA layers to save; apply_lora(model, LoraConfig(...)) first")
+    alphas = {name: layer.scaling * layer.r for name, layer in layers.items()}
+    r = Counter(layer.r for layer in layers.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    dropouts = {layer.lora_dropout.p if isinstance(layer.lora_dropout, nn.Dropout) else 0.0
+                for layer in layers.values()}
+    return {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model,
+            "r": r, "lora_alpha": alpha, "lora_dropout": max(dropouts), "use_rslora": False, "use_dora": False,
+            "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
+            "modules_to_save": None, "target_modules": targets_regex(model, list(layers)),
+            "rank_pattern": {re.escape(peft_name(n)): m.r for n, m in layers.items() if m.r != r},
+            "alpha_pattern": {re.escape(peft_name(n)): a for n, a in alphas.items() if a != alpha}}
+
+
+def save_adapter(model: nn.Module, folder: str | Path, base_model: str | None = None) -> Path:
+    """Write the model's LoRA adapters (unmerged values) to `folder` in PEFT's layout; base_model is recorded as
+    base_model_name_or_path. Returns the folder."""
+    folder = Path(folder)
+    config = adapter_config(model, base_model)
+    tensors = {}
+    for name, layer in lora_layers(model).items():
+        key = PREFIX + peft_name(name)
+        tensors[f"{key}.lora_A.weight"] = layer.lora_A.weight.detach().cpu().contiguous()
+        tensors[f"{key}.lora_B.weight"] = layer.lora_B.weight.detach().cpu().contiguous()
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, folder / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+_UNSUPPORTED = {"use_dora": (False, None), "fan_in_fan_out": (False, None), "modules_to_save": (None, []),
+                "bias": ("none", None), "lora_bias": (False, None), "target_parameters": (None, []),
+                "layer_replication": (None, []), "trainable_token_indices": (None, [], {})}
+
+
+def read_adapter_config(folder: Path) -> dict:
+    path = folder / ADAPTER_CONFIG
+    if not path.is_file():
+        raise WeightsError(f"{folder} has no {ADAPTER_CONFIG}: is it a PEFT adapter folder?")
+    config = json.loads(path.read_text())
+    if config.get("peft_type") != "LORA":
+        raise WeightsError(f"{path}: peft_type is {config.get('peft_type')!r}; only LoRA adapters ('LORA') load here")
+    for key, allowed in _UNSUPPORTED.items():
+        if config.get(key, allowed[0]) not in allowed:
+            raise WeightsError(f"{path}: {key} = {config[key]!r} is not supported here (plain LoRA only); merge "
+                               "that adapter with peft and load the merged model instead")
+    return config
+
+
+def _pattern_value(patterns: dict, name: str, default: float) -> float:
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches the end of the module's name."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def load_adapter(model: nn.Module, folder: str | Path) -> list[str]:
+    """Wrap the layers a PEFT-layout adapter holds (named as transformers 5 or 4 names them) and load its weights;
+    every other parameter is frozen, as after apply_lora. Returns the wrapped module names (ours)."""
+    folder = Path(folder)
+    config = read_adapter_config(folder)
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        raise WeightsError(f"{folder} has no {ADAPTER_WEIGHTS} (an adapter_model.bin pickle is not read: convert it "
+                           "with peft to safetensors)")
+    tensors = load_file(folder / ADAPTER_WEIGHTS)
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = re.fullmatch(rf"{re.escape(PREFIX)}(.+)\.(lora_A|lora_B)(?:\.default)?\.weight", key)
+        if match is None:
+            raise WeightsError(f"{folder / ADAPTER_WEIGHTS}: unexpected key {key}; a LoRA adapter holds "
+                               f"{PREFIX}<module>.lora_A.weight and .lora_B.weight only")
+        pairs.setdefault(match[1], {})[match[2]] = tensor
+    names = []
+    for module, pair in pairs.items():
+        name, (a, b) = our_name(module), (pair.get("lora_A"), pair.get("lora_B"))
+        if a is None or b is None:
+            raise WeightsError(f"{folder / ADAPTER_WEIGHTS}: {module} has only {', '.join(pair)}")
+        if not isinstance(model.get_submodule(name) if _has_module(model, name) else None, nn.Linear):
+            raise WeightsError(f"{folder / ADAPTER_WEIGHTS}: {module} ({name} here) is not a linear layer of this model")
+        r = a.shape[0]
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
+        scaling = alpha / (r ** 0.5 if config.get("use_rslora") else r)
+        layer: LoRALinear = wrap_linear(model, name, r, scaling, config.get("lora_dropout", 0.0))
+        if a.shape != layer.lora_A.weight.shape or b.shape != layer.lora_B.weight.shape:
+            raise WeightsError(f"{folder / ADAPTER_WEIGHTS}: {module} has lora_A {tuple(a.shape)} and lora_B "
+                               f"{tuple(b.shape)}; this model's layer needs ({r}, {layer.base_layer.in_features}) "
+                               f"and ({layer.base_layer.out_features}, {r})")
+        with torch.no_grad():
+            layer.lora_A.weight.copy_(a)
+            layer.lora_B.weight.copy_(b)
+        names.append(name)
+    train_only_lora(model)
+    return names
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
