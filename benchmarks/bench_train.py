@@ -6,8 +6,8 @@
 A step is forward + backward + AdamW: LoRA rank 8 (alpha 16) on the decoder's q/k/v/o, bf16 base weights with fp32
 adapters (peft's default too), one 10 s clip (250 audio tokens) in a chat prompt and a 64-token answer whose tokens
 (and <|im_end|>) are the labels. Each variant runs in its own process, with and without gradient checkpointing;
-its peak memory is the process's peak RSS (VmHWM) over the timed steps, the weights included, and the median step
-time of --steps steps after one warm-up step. --rounds repeats all variants in turns (the machine is shared: the
+its peak memory is the process's peak RSS (VmHWM) over the timed steps, the weights included (both map the weight
+files and touch the same pages of them), and the median step time of --steps steps after one warm-up step. --rounds repeats all variants in turns (the machine is shared: the
 spread between rounds is printed). --precision measures the loss over a few LoRA steps in fp32, in bf16 with fp32
 adapters and under bf16 autocast over fp32 weights (ours), from the same initial adapter.
 """
@@ -58,7 +58,9 @@ def ours_model(folder: Path, checkpointing: bool):
     import qwen2audio
     from qwen2audio.lora import LoraConfig, apply_lora, lora_targets
 
-    model = qwen2audio.load(folder, quiet=True, cpu_gemv=False).model.train()
+    # mmap=True maps the weight files, as transformers does, so that both processes' RSS counts the same weights:
+    # the pages a step touches (an embedding row per token, every other weight in full).
+    model = qwen2audio.load(folder, quiet=True, cpu_gemv=False, mmap=True).model.train()
     apply_lora(model, LoraConfig(r=8, lora_alpha=16, target_modules=lora_targets(attention=True)))
     model.set_gradient_checkpointing(checkpointing)
     return model, lambda batch: model(**batch)
