@@ -60,7 +60,7 @@ def ours_model(folder: Path, checkpointing: bool):
 
     # mmap=True maps the weight files, as transformers does, so that both processes' RSS counts the same weights:
     # the pages a step touches (an embedding row per token, every other weight in full).
-    model = qwen2audio.load(folder, quiet=True, cpu_gemv=False, mmap=True).model.train()
+    model = qwen2audio.load_model(folder, quiet=True, mmap=True)
     apply_lora(model, LoraConfig(r=8, lora_alpha=16, target_modules=lora_targets(attention=True)))
     model.set_gradient_checkpointing(checkpointing)
     return model, lambda batch: model(**batch)
@@ -145,7 +145,7 @@ def precision_losses(args: argparse.Namespace) -> None:
     runs = {}
     for name, dtype, autocast in [("fp32", torch.float32, False), ("bf16 weights, fp32 LoRA", torch.bfloat16, False),
                                   ("bf16 autocast, fp32 weights", torch.float32, True)]:
-        model = qwen2audio.load(args.checkpoint, dtype=dtype, quiet=True, cpu_gemv=False).model.train()
+        model = qwen2audio.load_model(args.checkpoint, dtype=dtype, quiet=True)
         torch.manual_seed(0)
         apply_lora(model, LoraConfig(r=8, lora_alpha=16))
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)

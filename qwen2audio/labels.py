@@ -20,10 +20,10 @@ from torch import Tensor
 from .errors import InputError
 from .features import audio_token_count, extract_features
 from .model import IGNORE_INDEX
-from .processor import Message, apply_chat_template, conversation_audios
+from .chat_template import Message, apply_chat_template, conversation_audios
 from .tokenizer import IM_START, Tokenizer
 
-Clip = str | Path | np.ndarray | Tensor  # a file, or a 16 kHz mono waveform
+Clip = str | Path | bytes | np.ndarray | Tensor  # a file (path, URL, bytes), or a 16 kHz mono waveform
 
 
 def conversation_pieces(conversation: Sequence[Message]) -> list[tuple[str, bool]]:
@@ -65,10 +65,11 @@ def tokenize_pieces(tokenizer: Tokenizer, pieces: list[tuple[str, bool]]) -> tup
 
 
 def _waveforms(clips: Sequence[Clip]) -> list[np.ndarray | Tensor]:
-    from .audio import load_audio, truncate_long_audio
+    """Files decoded and resampled as the pipeline does (processor.load_clips); over 30 s, the first 30 s."""
+    from .audio import truncate_long_audio
+    from .processor import load_clips
 
-    waves = [clip if isinstance(clip, (np.ndarray, Tensor)) else load_audio(clip) for clip in clips]
-    return [truncate_long_audio(w, f"audio {i}") for i, w in enumerate(waves)]
+    return [truncate_long_audio(w, f"audio {i}") for i, w in enumerate(load_clips(clips))]
 
 
 def _example(tokenizer: Tokenizer, pieces: list[tuple[str, bool]], clips: Sequence[Clip]) -> dict[str, Tensor]:

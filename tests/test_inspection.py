@@ -10,6 +10,8 @@ from qwen2audio.errors import InputError
 from qwen2audio.features import audio_token_count, encoder_lengths, extract_features
 from qwen2audio.inspection import capture
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def batch():
     feats, mask = extract_features([test_signal(1.0, seed=0), test_signal(2.0, seed=1), test_signal(3.0, seed=2)])
@@ -47,7 +49,7 @@ def hf_encoder(eager_hf):
 
 def test_decoder_hidden_states_and_attention_maps_match_eager_transformers(tiny_gqa_checkpoint, eager_hf):
     inputs = batch()
-    model = qwen2audio.load(tiny_gqa_checkpoint, quiet=True).model
+    model = qwen2audio.load_model(tiny_gqa_checkpoint, quiet=True)
     with torch.no_grad():
         expected = eager_hf(**inputs, output_hidden_states=True, output_attentions=True)
         with capture(model, decoder_attention=[0, 1]) as seen:
@@ -67,7 +69,7 @@ def test_decoder_hidden_states_and_attention_maps_match_eager_transformers(tiny_
 @pytest.mark.parametrize("mode", ["reference", "fast"])
 def test_encoder_hidden_states_and_attention_maps_match_eager_transformers(tiny_gqa_checkpoint, hf_encoder, mode):
     inputs = batch()
-    model = qwen2audio.load(tiny_gqa_checkpoint, quiet=True).model
+    model = qwen2audio.load_model(tiny_gqa_checkpoint, quiet=True)
     model.encoder_mode = mode
     expected = hf_encoder
     with torch.no_grad():
@@ -97,7 +99,7 @@ def hooks_and_switches(model):
 
 
 def test_off_means_the_plain_sdpa_path(tiny_checkpoint):
-    model = qwen2audio.load(tiny_checkpoint, quiet=True).model
+    model = qwen2audio.load_model(tiny_checkpoint, quiet=True)
     inputs = batch()
     assert hooks_and_switches(model) == (0, [False] * 4)
     with torch.no_grad():
@@ -111,7 +113,7 @@ def test_off_means_the_plain_sdpa_path(tiny_checkpoint):
 
 
 def test_hidden_states_keep_their_graph_and_bad_layers_are_named(tiny_checkpoint):
-    model = qwen2audio.load(tiny_checkpoint, quiet=True).model
+    model = qwen2audio.load_model(tiny_checkpoint, quiet=True)
     ids = torch.tensor([[1, 2, 3, 4]])
     with capture(model, decoder_attention=[-1]) as seen:
         model(ids)

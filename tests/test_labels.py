@@ -12,6 +12,8 @@ from qwen2audio.labels import base_example, collate, conversation_example
 from qwen2audio.processor import Processor, apply_chat_template
 from qwen2audio.tokenizer import Tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 X = -100
 IM_START, IM_END, AUDIO, AUDIO_BOS, AUDIO_EOS, ENDOFTEXT = 151644, 151645, 151646, 151647, 151648, 151643
 NL, SYSTEM, USER, ASSISTANT = 198, 8948, 872, 77091

@@ -11,6 +11,8 @@ from qwen2audio.labels import collate, conversation_example
 from qwen2audio.lora import LoraConfig, LoRALinear, apply_lora, lora_targets
 from qwen2audio.tokenizer import Tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def batch():
@@ -42,13 +44,13 @@ def train(model, batch, lr: float, max_steps: int = 100) -> list[float]:
 
 
 def test_full_fine_tuning_learns(tiny_checkpoint, batch):
-    model = qwen2audio.load(tiny_checkpoint, quiet=True).model.train()
+    model = qwen2audio.load_model(tiny_checkpoint, quiet=True).train()
     losses = train(model, batch, lr=1e-2)
     assert losses[-1] < 0.1 * losses[0]
 
 
 def test_lora_alone_learns_and_leaves_the_base_weights_as_they_were(tiny_checkpoint, batch):
-    model = qwen2audio.load(tiny_checkpoint, quiet=True).model.train()
+    model = qwen2audio.load_model(tiny_checkpoint, quiet=True).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     torch.manual_seed(0)
     # The random tiny model's lm_head (std 0.02, width 64) bounds every logit near +-1.3, so no change of the hidden

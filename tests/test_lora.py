@@ -15,6 +15,8 @@ from qwen2audio.errors import InputError, WeightsError
 from qwen2audio.features import audio_token_count, extract_features
 from qwen2audio.lora import LoraConfig, LoRALinear, apply_lora, lora_targets, merge_lora, unload_lora, unmerge_lora
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 EVERYWHERE = lora_targets(attention=True, mlp=True, encoder=True, projector=True)
 
 
@@ -45,7 +47,7 @@ def train_a_little(model, steps: int = 3) -> None:
 
 
 def test_zero_init_training_merge_unmerge(tiny_checkpoint):
-    model = qwen2audio.load(tiny_checkpoint, quiet=True).model
+    model = qwen2audio.load_model(tiny_checkpoint, quiet=True)
     base = logits(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     names = apply_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=EVERYWHERE))
@@ -71,7 +73,7 @@ def test_zero_init_training_merge_unmerge(tiny_checkpoint):
 def test_adapter_saved_here_loads_in_peft(tiny_checkpoint, tmp_path):
     from peft import PeftModel
 
-    model = qwen2audio.load(tiny_checkpoint, quiet=True).model
+    model = qwen2audio.load_model(tiny_checkpoint, quiet=True)
     apply_lora(model, LoraConfig(r=4, lora_alpha=16, target_modules=EVERYWHERE))
     train_a_little(model)
     save_adapter(model, tmp_path / "adapter", base_model=str(tiny_checkpoint))
@@ -104,7 +106,7 @@ def test_adapter_trained_with_peft_loads_here(tiny_checkpoint, tmp_path, layout)
         renamed = {k.replace("base_model.model.model.language_model.", "base_model.model.language_model.model.")
                    .replace("base_model.model.model.", "base_model.model."): v for k, v in load_file(path).items()}
         save_file(renamed, path)
-    model = qwen2audio.load(tiny_checkpoint, quiet=True).model
+    model = qwen2audio.load_model(tiny_checkpoint, quiet=True)
     names = load_adapter(model, tmp_path / "adapter")
     assert len(names) == 2 * 3 + 2 * 3 + 1  # decoder q v gate, encoder q v fc1, projector
     assert "audio_tower.layers.0.fc1" in names and "multi_modal_projector.linear" in names
@@ -113,7 +115,7 @@ def test_adapter_trained_with_peft_loads_here(tiny_checkpoint, tmp_path, layout)
 
 
 def test_merged_model_saves_and_loads_in_transformers(tiny_checkpoint, tmp_path):
-    model = qwen2audio.load(tiny_checkpoint, quiet=True).model
+    model = qwen2audio.load_model(tiny_checkpoint, quiet=True)
     apply_lora(model, LoraConfig(r=4, lora_alpha=8))
     train_a_little(model)
     tuned = logits(model)
@@ -123,7 +125,7 @@ def test_merged_model_saves_and_loads_in_transformers(tiny_checkpoint, tmp_path)
 
 
 def test_bad_adapters_and_targets_are_named(tiny_checkpoint, tmp_path):
-    model = qwen2audio.load(tiny_checkpoint, quiet=True).model
+    model = qwen2audio.load_model(tiny_checkpoint, quiet=True)
     with pytest.raises(InputError, match="selects no linear layer"):
         apply_lora(model, LoraConfig(target_modules=("qkv",)))
     with pytest.raises(InputError, match="no LoRA layers"):
@@ -135,12 +137,12 @@ def test_bad_adapters_and_targets_are_named(tiny_checkpoint, tmp_path):
     config = json.loads((folder / ADAPTER_CONFIG).read_text())
     (folder / ADAPTER_CONFIG).write_text(json.dumps({**config, "use_dora": True}))
     with pytest.raises(WeightsError, match="use_dora"):
-        load_adapter(qwen2audio.load(tiny_checkpoint, quiet=True).model, folder)
+        load_adapter(qwen2audio.load_model(tiny_checkpoint, quiet=True), folder)
     (folder / ADAPTER_CONFIG).write_text(json.dumps(config))
     weights = load_file(folder / ADAPTER_WEIGHTS)
     save_file({**weights, "base_model.model.model.language_model.norm.weight": torch.ones(64)},
               folder / ADAPTER_WEIGHTS)
     with pytest.raises(WeightsError, match="unexpected key base_model.model.model.language_model.norm.weight"):
-        load_adapter(qwen2audio.load(tiny_checkpoint, quiet=True).model, folder)
+        load_adapter(qwen2audio.load_model(tiny_checkpoint, quiet=True), folder)
     with pytest.raises(WeightsError, match="no adapter_config.json"):
         load_adapter(model, tmp_path)

@@ -10,6 +10,8 @@ from qwen2audio.errors import InputError
 from qwen2audio.features import audio_token_count, extract_features
 from qwen2audio.model import IGNORE_INDEX, lm_loss
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def hf_name(name: str) -> str:
     """Our parameter name (the Hub key) -> transformers 5.24's module path (facts §7.4)."""
@@ -45,7 +47,7 @@ def test_loss_and_every_gradient_match_transformers(tiny_checkpoint):
     # transformers also counts each row's first real token, predicted from a padding position: masked here (ours
     # never counts it, tested below).
     labels[first_real_tokens(inputs["attention_mask"])] = IGNORE_INDEX
-    ours, hf = qwen2audio.load(tiny_checkpoint, quiet=True).model.train(), load_hf(tiny_checkpoint).train()
+    ours, hf = qwen2audio.load_model(tiny_checkpoint, quiet=True).train(), load_hf(tiny_checkpoint).train()
     loss = ours(**inputs, labels=labels)
     expected = hf(**inputs, labels=labels).loss
     assert abs(loss.item() - expected.item()) < 1e-5
@@ -64,7 +66,7 @@ def test_loss_and_every_gradient_match_transformers(tiny_checkpoint):
 def test_cheap_loss_equals_the_loss_of_all_logits(tiny_checkpoint):
     # forward(labels=...) runs the lm_head only where a target counts; lm_loss over the full logits is the oracle.
     inputs, labels = padded_batch()
-    model = qwen2audio.load(tiny_checkpoint, quiet=True).model
+    model = qwen2audio.load_model(tiny_checkpoint, quiet=True)
     with torch.no_grad():
         logits = model(**inputs)
         for reduction in ("mean", "sum"):
@@ -77,7 +79,7 @@ def test_a_target_predicted_from_padding_never_counts(tiny_checkpoint):
     # change our loss, and each row's loss equals that row alone without padding.
     inputs, labels = padded_batch()
     rows, cols = first_real_tokens(inputs["attention_mask"])
-    model = qwen2audio.load(tiny_checkpoint, quiet=True).model
+    model = qwen2audio.load_model(tiny_checkpoint, quiet=True)
     with torch.no_grad():
         unmasked = labels.clone()
         unmasked[rows, cols] = inputs["input_ids"][rows, cols]
@@ -108,7 +110,7 @@ def test_lm_loss_by_hand():
 
 
 def test_labels_must_match_the_ids(tiny_checkpoint):
-    model = qwen2audio.load(tiny_checkpoint, quiet=True).model
+    model = qwen2audio.load_model(tiny_checkpoint, quiet=True)
     with pytest.raises(InputError, match="shape of input_ids"):
         model(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2]]))
 
@@ -138,7 +140,7 @@ def saved_bytes(model, inputs) -> int:
 
 def test_gradient_checkpointing_gives_the_same_gradients_and_keeps_less(tiny_checkpoint):
     inputs, labels = padded_batch()
-    model = qwen2audio.load(tiny_checkpoint, quiet=True).model.train()
+    model = qwen2audio.load_model(tiny_checkpoint, quiet=True).train()
     plain = gradients(model, inputs, labels)
     kept_plain = saved_bytes(model, inputs)
     model.set_gradient_checkpointing(True)
