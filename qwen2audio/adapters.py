@@ -125,48 +125,57 @@ def _pattern_value(patterns: dict, name: str, default: float) -> float:
     return default
 
 
-def load_adapter(model: nn.Module, folder: str | Path) -> list[str]:
-    """Wrap the layers a PEFT-layout adapter holds (named as transformers 5 or 4 names them) and load its weights;
-    every other parameter is frozen, as after apply_lora. Returns the wrapped module names (ours)."""
-    folder = Path(folder)
-    config = read_adapter_config(folder)
-    if not (folder / ADAPTER_WEIGHTS).is_file():
+def read_adapter_weights(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module name as stored (transformers 5's or 4's): (lora_A (r, in), lora_B (out, r))}."""
+    path = folder / ADAPTER_WEIGHTS
+    if not path.is_file():
         raise WeightsError(f"{folder} has no {ADAPTER_WEIGHTS} (an adapter_model.bin pickle is not read: convert it "
                            "with peft to safetensors)")
-    tensors = load_file(folder / ADAPTER_WEIGHTS)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
+    for key, tensor in load_file(path).items():
         match = re.fullmatch(rf"{re.escape(PREFIX)}(.+)\.(lora_A|lora_B)(?:\.default)?\.weight", key)
         if match is None:
-            raise WeightsError(f"{folder / ADAPTER_WEIGHTS}: unexpected key {key}; a LoRA adapter holds "
-                               f"{PREFIX}<module>.lora_A.weight and .lora_B.weight only")
+            raise WeightsError(f"{path}: unexpected key {key}; a LoRA adapter holds {PREFIX}<module>.lora_A.weight "
+                               "and .lora_B.weight only")
         pairs.setdefault(match[1], {})[match[2]] = tensor
-    names = []
     for module, pair in pairs.items():
-        name, (a, b) = our_name(module), (pair.get("lora_A"), pair.get("lora_B"))
-        if a is None or b is None:
-            raise WeightsError(f"{folder / ADAPTER_WEIGHTS}: {module} has only {', '.join(pair)}")
-        if not isinstance(model.get_submodule(name) if _has_module(model, name) else None, nn.Linear):
-            raise WeightsError(f"{folder / ADAPTER_WEIGHTS}: {module} ({name} here) is not a linear layer of this model")
-        r = a.shape[0]
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
-        scaling = alpha / (r ** 0.5 if config.get("use_rslora") else r)
-        layer: LoRALinear = wrap_linear(model, name, r, scaling, config.get("lora_dropout", 0.0))
-        if a.shape != layer.lora_A.weight.shape or b.shape != layer.lora_B.weight.shape:
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise WeightsError(f"{path}: {module} has only {', '.join(pair)}")
+    return {module: (pair["lora_A"], pair["lora_B"]) for module, pair in pairs.items()}
+
+
+def _base_linear(model: nn.Module, name: str, module: str, folder: Path) -> nn.Linear:
+    try:
+        base = model.get_submodule(name)
+    except AttributeError:
+        base = None
+    if isinstance(base, LoRALinear):
+        raise InputError(f"{name} already has a LoRA adapter; unload_lora(model) first to load another")
+    if not isinstance(base, nn.Linear):
+        raise WeightsError(f"{folder / ADAPTER_WEIGHTS}: {module} ({name} here) is not a linear layer of this model")
+    return base
+
+
+def load_adapter(model: nn.Module, folder: str | Path) -> list[str]:
+    """Wrap the layers a PEFT-layout adapter holds (named as transformers 5 or 4 names them) and load its weights;
+    every other parameter is frozen, as after apply_lora. Everything is checked before the model is changed.
+    Returns the wrapped module names (ours)."""
+    folder = Path(folder)
+    config = read_adapter_config(folder)
+    plan = []
+    for module, (a, b) in read_adapter_weights(folder).items():
+        name = our_name(module)
+        base, r = _base_linear(model, name, module, folder), a.shape[0]
+        if a.shape != (r, base.in_features) or b.shape != (base.out_features, r):
             raise WeightsError(f"{folder / ADAPTER_WEIGHTS}: {module} has lora_A {tuple(a.shape)} and lora_B "
-                               f"{tuple(b.shape)}; this model's layer needs ({r}, {layer.base_layer.in_features}) "
-                               f"and ({layer.base_layer.out_features}, {r})")
+                               f"{tuple(b.shape)}; this model's layer needs ({r}, {base.in_features}) and "
+                               f"({base.out_features}, {r})")
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
+        plan.append((name, r, alpha / (r ** 0.5 if config.get("use_rslora") else r), a, b))
+    for name, r, scaling, a, b in plan:
+        layer = wrap_linear(model, name, r, scaling, config.get("lora_dropout", 0.0))
         with torch.no_grad():
             layer.lora_A.weight.copy_(a)
             layer.lora_B.weight.copy_(b)
-        names.append(name)
     train_only_lora(model)
-    return names
-
-
-def _has_module(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-        return True
-    except AttributeError:
-        return False
+    return [name for name, *_ in plan]

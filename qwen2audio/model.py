@@ -46,12 +46,13 @@ def counted_targets(labels: Tensor, attention_mask: Tensor | None = None) -> Ten
     """(B, T - 1) bool: which next-token targets labels[:, 1:] count in the loss.
 
     A target counts when it is not IGNORE_INDEX and, given an attention_mask, both it and the position predicting
-    it are real tokens. parity: transformers also counts the first real token of a left-padded row, predicted from
-    a padding position whose logits are arbitrary; here it never counts, so a row's loss is the same padded or not.
+    it are real tokens.
     """
     counted = labels[:, 1:] != IGNORE_INDEX
     if attention_mask is not None:
         real = attention_mask.bool()
+        # parity: transformers also counts the first real token of a left-padded row, predicted from a padding
+        # position whose logits are arbitrary; here it never counts, so a row's loss is the same padded or not.
         counted = counted & real[:, 1:] & real[:, :-1]
     return counted
 

@@ -146,3 +146,13 @@ def test_bad_adapters_and_targets_are_named(tiny_checkpoint, tmp_path):
         load_adapter(qwen2audio.load_model(tiny_checkpoint, quiet=True), folder)
     with pytest.raises(WeightsError, match="no adapter_config.json"):
         load_adapter(model, tmp_path)
+    key = "base_model.model.model.language_model.layers.1.self_attn.o_proj.lora_A.weight"
+    save_file({**weights, key: torch.zeros(8, 63)}, folder / ADAPTER_WEIGHTS)
+    fresh = qwen2audio.load_model(tiny_checkpoint, quiet=True)
+    with pytest.raises(WeightsError, match=r"lora_A \(8, 63\).*needs \(8, 64\)"):
+        load_adapter(fresh, folder)
+    assert not any(isinstance(m, LoRALinear) for m in fresh.modules())  # checked before anything changed
+    save_file(weights, folder / ADAPTER_WEIGHTS)
+    load_adapter(fresh, folder)
+    with pytest.raises(InputError, match="already has a LoRA adapter"):
+        load_adapter(fresh, folder)
