@@ -7,7 +7,9 @@ RMSNorm and an untied lm_head. Attention is `scaled_dot_product_attention` with 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
+from .attention import attend, attention_probs
 from .cache import KVCache
 from .config import TextConfig
 from .kernels import apply_rope, rms_norm, rope_cos_sin, silu_mul
@@ -31,6 +33,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=True)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.eager = False  # True: explicit softmax (attention.py), probabilities passed through self.probs
+        self.probs = nn.Identity()  # a hook point: forward hooks on it see (B, heads, T, S) when eager
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 kv: tuple[Tensor, Tensor] | None = None, input_pos: Tensor | None = None) -> Tensor:
@@ -44,9 +48,13 @@ class Attention(nn.Module):
             kv[0][rows, :, input_pos] = k.transpose(1, 2)  # indexed: (B, T, kv_heads, head_dim)
             kv[1][rows, :, input_pos] = v.transpose(1, 2)
             k, v = kv  # (B, kv_heads, max_seq_len, head_dim)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                             scale=self.head_dim ** -0.5,
-                                             enable_gqa=self.n_kv_heads != self.n_heads)
+        if self.eager:  # the reference's eager attention: softmax in fp32, cast back to the activation dtype
+            probs = attention_probs(q, k, mask, self.head_dim ** -0.5, mask is None and T > 1, torch.float32)
+            out = attend(self.probs(probs), v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                                 scale=self.head_dim ** -0.5,
+                                                 enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -68,6 +76,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
+        self.gradient_checkpointing = False  # True: in training, keep only the input and recompute in backward
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 kv: tuple[Tensor, Tensor] | None = None, input_pos: Tensor | None = None) -> Tensor:
@@ -90,7 +99,11 @@ class Qwen2Model(nn.Module):
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)  # fp32 (B, T, head_dim)
         cos, sin = cos.to(x.dtype)[:, None], sin.to(x.dtype)[:, None]  # (B, 1, T, head_dim), activation dtype
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, None if cache is None else cache.layer(i), input_pos)
+            args = (x, cos, sin, mask, None if cache is None else cache.layer(i), input_pos)
+            if layer.gradient_checkpointing and torch.is_grad_enabled():  # the layer runs again during backward
+                x = checkpoint(layer, *args, use_reentrant=False)
+            else:
+                x = layer(*args)
         return self.norm(x)
 
 

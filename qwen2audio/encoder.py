@@ -7,7 +7,9 @@ a 2x average pool over time, a final LayerNorm and a linear projector to the dec
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
+from .attention import attend, attention_probs
 from .config import AudioConfig
 from .features import encoder_lengths
 
@@ -21,6 +23,8 @@ class EncoderAttention(nn.Module):
         self.v_proj = nn.Linear(d_model, d_model)
         self.q_proj = nn.Linear(d_model, d_model)
         self.out_proj = nn.Linear(d_model, d_model)
+        self.eager = False  # True: explicit softmax (attention.py), probabilities passed through self.probs
+        self.probs = nn.Identity()  # a hook point: forward hooks on it see (B, heads, S, S) when eager
 
     def forward(self, x: Tensor, key_mask: Tensor | None) -> Tensor:
         B, S, D = x.shape
@@ -28,7 +32,10 @@ class EncoderAttention(nn.Module):
         q = (self.q_proj(x) * self.scaling).view(B, S, self.n_heads, -1).transpose(1, 2)  # (B, heads, S, head_dim)
         k = self.k_proj(x).view(B, S, self.n_heads, -1).transpose(1, 2)
         v = self.v_proj(x).view(B, S, self.n_heads, -1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, scale=1.0)
+        if self.eager:  # the reference's eager attention: softmax in the activation dtype (Whisper's)
+            out = attend(self.probs(attention_probs(q, k, key_mask, 1.0, is_causal=False)), v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, scale=1.0)
         return self.out_proj(out.transpose(1, 2).reshape(B, S, D))
 
 
@@ -40,6 +47,7 @@ class EncoderLayer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(cfg.d_model)
         self.fc1 = nn.Linear(cfg.d_model, cfg.encoder_ffn_dim)
         self.fc2 = nn.Linear(cfg.encoder_ffn_dim, cfg.d_model)
+        self.gradient_checkpointing = False  # True: in training, keep only the input and recompute in backward
 
     def forward(self, x: Tensor, key_mask: Tensor | None) -> Tensor:
         x = x + self.self_attn(self.self_attn_layer_norm(x), key_mask)
@@ -78,7 +86,10 @@ class AudioEncoder(nn.Module):
             key_mask = torch.arange(n_positions, device=x.device)[None, :] < valid_positions[:, None]  # (B, S)
             key_mask = key_mask[:, None, None, :]  # (B, 1, 1, S): key padding only; padded queries are computed
         for layer in self.layers:
-            x = layer(x, key_mask)
+            if layer.gradient_checkpointing and torch.is_grad_enabled():  # the layer runs again during backward
+                x = checkpoint(layer, x, key_mask, use_reentrant=False)
+            else:
+                x = layer(x, key_mask)
         x = F.avg_pool1d(x.transpose(1, 2), kernel_size=2, stride=2).transpose(1, 2)  # (B, S // 2, d_model)
         return self.layer_norm(x)  # pool first, then norm (the order matters)
 

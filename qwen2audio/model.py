@@ -5,12 +5,13 @@ checkpoint loads with `load_state_dict(strict=True)` and no renaming.
 """
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cache import KVCache
 from .config import Qwen2AudioConfig
-from .decoder import Qwen2ForCausalLM
-from .encoder import AudioEncoder, MultiModalProjector, encoder_window
+from .decoder import DecoderLayer, Qwen2ForCausalLM
+from .encoder import AudioEncoder, EncoderLayer, MultiModalProjector, encoder_window
 from .errors import InputError
 from .features import encoder_lengths
 
@@ -36,6 +37,42 @@ def causal_padding_mask(attention_mask: Tensor, query_slots: Tensor, n_keys: int
 def positions_from_mask(attention_mask: Tensor) -> Tensor:
     """RoPE positions that skip left padding: cumsum(mask) - 1, pads at 0 (what transformers' generate() uses)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+IGNORE_INDEX = -100  # a label that does not count (transformers' and PyTorch's cross-entropy convention)
+
+
+def counted_targets(labels: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """(B, T - 1) bool: which next-token targets labels[:, 1:] count in the loss.
+
+    A target counts when it is not IGNORE_INDEX and, given an attention_mask, both it and the position predicting
+    it are real tokens.
+    """
+    counted = labels[:, 1:] != IGNORE_INDEX
+    if attention_mask is not None:
+        real = attention_mask.bool()
+        # parity: transformers also counts the first real token of a left-padded row, predicted from a padding
+        # position whose logits are arbitrary; here it never counts, so a row's loss is the same padded or not.
+        counted = counted & real[:, 1:] & real[:, :-1]
+    return counted
+
+
+def lm_loss(logits: Tensor, labels: Tensor, attention_mask: Tensor | None = None, reduction: str = "mean") -> Tensor:
+    """Next-token cross-entropy of logits (B, T, vocab) against labels (B, T): logits at t predict labels at t + 1;
+    "mean" over the counted targets (see counted_targets), or their "sum". Computed in fp32."""
+    counted = counted_targets(labels, attention_mask)
+    return cross_entropy(logits[:, :-1][counted], labels[:, 1:][counted], reduction)
+
+
+def cross_entropy(logits: Tensor, targets: Tensor, reduction: str) -> Tensor:
+    """logits (N, vocab), targets (N,) -> the mean or sum of -log p(target), in fp32."""
+    if reduction not in ("mean", "sum"):
+        raise InputError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if reduction == "mean" and targets.numel() == 0:
+        raise InputError("the labels count no token (all are -100 or padding), so their mean loss is undefined; "
+                         "use reduction='sum' or give each row a target")
+    # parity: fp32 whatever the model dtype (transformers takes the cross-entropy of bf16 logits in bf16).
+    return F.cross_entropy(logits.float(), targets, reduction=reduction)
 
 
 class Qwen2AudioForConditionalGeneration(nn.Module):
@@ -116,8 +153,14 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
         return embeds.masked_scatter(is_audio[..., None], audio.to(embeds.dtype))  # row-major fill
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, input_features: Tensor | None = None,
-                feature_attention_mask: Tensor | None = None) -> Tensor:
-        """Logits (B, T, vocab) for every position, without the cache (the reference's forward)."""
+                feature_attention_mask: Tensor | None = None, labels: Tensor | None = None,
+                reduction: str = "mean") -> Tensor:
+        """Logits (B, T, vocab) for every position, without the cache (the reference's forward).
+
+        With labels (B, T), the language-model loss instead: `lm_loss(logits, labels, attention_mask, reduction)`,
+        but the lm_head runs only at the positions whose next label counts (for the 7B it is a 156032 x 4096
+        product per position, the largest in the model).
+        """
         x = self.embed(input_ids, input_features, feature_attention_mask)
         B, T = input_ids.shape
         if attention_mask is None or bool(attention_mask.all()):
@@ -126,7 +169,22 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
         else:
             positions = positions_from_mask(attention_mask)
             mask = causal_padding_mask(attention_mask, torch.arange(T, device=x.device), T)
-        return self.language_model.lm_head(self.language_model.model(x, positions, mask))
+        h = self.language_model.model(x, positions, mask)  # (B, T, hidden)
+        if labels is None:
+            return self.language_model.lm_head(h)
+        if labels.shape != input_ids.shape:
+            raise InputError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got "
+                             f"{tuple(labels.shape)}")
+        counted = counted_targets(labels, attention_mask)  # (B, T - 1)
+        logits = self.language_model.lm_head(h[:, :-1][counted])  # (N, vocab): only where a target counts
+        return cross_entropy(logits, labels[:, 1:][counted], reduction)
+
+    def set_gradient_checkpointing(self, enabled: bool = True, encoder: bool = True, decoder: bool = True) -> None:
+        """Turn activation checkpointing on or off for every layer of the encoder and/or the decoder: in training,
+        each layer keeps only its input and runs again during backward (less memory, about a third more time)."""
+        for module in self.modules():
+            if isinstance(module, EncoderLayer) and encoder or isinstance(module, DecoderLayer) and decoder:
+                module.gradient_checkpointing = enabled
 
     def forward_cached(self, x: Tensor, positions: Tensor, cache: KVCache, input_pos: Tensor, mask: Tensor,
                        last_only: bool = True) -> Tensor:

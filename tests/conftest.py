@@ -2,10 +2,22 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py
 
 from helpers import save_tiny_checkpoint  # noqa: E402
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one thread: the tiny models' small products cost more in thread synchronisation than they
+    gain, above all when other processes share the cores (27 training steps of the tiny model: 6 s on one thread,
+    61 s on two, on this 2-core machine under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
