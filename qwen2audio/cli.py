@@ -58,6 +58,9 @@ def _model_options(common: argparse.ArgumentParser) -> None:
                    help="auto: cuda if available, else mps, else cpu")
     g.add_argument("--quantize", choices=["int8"], default=None, help="weight-only int8 for the decoder")
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    g.add_argument("--kernels", default="auto", choices=["auto", "native", "avx2", "reference"],
+                   help="CPU kernels: auto (chosen from the CPU; --debug logs the choice), native (torch's, in the "
+                        "weights' dtype), avx2 (bf16 weights, fp32 arithmetic), reference (the plain model)")
     g.add_argument("--mmap", action="store_true",
                    help="map the weight files instead of reading them: loads at once, decodes slower")
     g.add_argument("--threads", type=checked(int, lambda v: v >= 1, ">= 1"), metavar="N",

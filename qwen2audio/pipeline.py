@@ -17,7 +17,7 @@ from .cache import KVCache
 from .config import GenerationConfig, Qwen2AudioConfig
 from .errors import InputError, WeightsError
 from .generate import GenerationOptions, decode_step, generate_stream
-from .kernels.cpu import use_cpu_gemv
+from .kernels.cpu import check_kernels, prepare_for_cpu
 from .model import Qwen2AudioForConditionalGeneration
 from .chat_template import Message, apply_chat_template, as_conversations, conversation_audios
 from .processor import Processor, load_clips
@@ -230,23 +230,24 @@ def load_model(path: str | Path, model: torch.nn.Module | None = None, dtype: st
 
 
 def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-         quantize: str | None = None, compile: bool = False, cpu_gemv: bool | None = None,
+         quantize: str | None = None, compile: bool = False, kernels: str = "auto",
          quiet: bool = False, mmap: bool = False) -> Qwen2Audio:
     """Load a Qwen2-Audio checkpoint folder (or Hub repo id). dtype=None keeps the checkpoint's dtype.
 
     quantize="int8" loads the decoder's linear layers as weight-only int8, quantized as they are read (the
     full-precision decoder is never in memory); compile=True compiles the single-token decode step with
-    torch.compile (CUDA graphs on CUDA). cpu_gemv (default: on for CPU) runs decoder products of a few rows with
-    weight-streaming kernels (kernels/cpu.py): matrix-vector products, and for int8 a C++ kernel built on first
-    use on CPUs with AVX-512 VNNI (torch's own int8 kernel otherwise). On CPU, weights kept in the file's dtype
-    are read into memory on huge pages (fastest decoding); mmap=True maps the files instead (load() returns at
-    once, decoding is slower; see weights.load_weights).
+    torch.compile (CUDA graphs on CUDA). On CPU, `kernels` picks the CPU kernels, put in place by
+    kernels.prepare_for_cpu: "auto" (chosen from what the CPU reports, logged on the "qwen2audio" logger),
+    "native", "avx2" or "reference" (the plain model); see kernels/cpu.py. On CPU, weights kept in the file's
+    dtype are read into memory on huge pages (fastest decoding); mmap=True maps the files instead (load() returns
+    at once, decoding is slower; see weights.load_weights).
     """
     device = resolve_device(device)
+    check_kernels(kernels, device)
     folder = resolve_model_path(path, quiet=quiet)
     model = load_model(folder, dtype=dtype, device=device, quantize=quantize, mmap=mmap, quiet=quiet)
-    if cpu_gemv if cpu_gemv is not None else device.type == "cpu":
-        use_cpu_gemv(model, verbose=not quiet)
+    if device.type == "cpu":  # the CPU layers, sharing the weights (print(pipe.model) shows them)
+        prepare_for_cpu(model, kernels, verbose=not quiet)
     has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()
     processor = Processor.from_folder(folder) if has_tokenizer else None
     pipe = Qwen2Audio(model, folder, GenerationConfig.from_file(folder), processor)
