@@ -147,3 +147,7 @@ def swap_layers(model: nn.Module, make: Callable[[str, nn.Module], nn.Module | N
                 setattr(parent, name, new)
                 count += 1
     return count
+
+
+def int8_kernel():  # the old name of extension.cpu_extension, still used by tests/test_weights.py: remove with it
+    return cpu_extension()
