@@ -122,6 +122,24 @@ def test_fp32_linear_equals_fp32_math_and_trains(weight_dtype):
     assert torch.equal(grad_w, plain.weight.grad) and torch.equal(grad_x, x.grad)
 
 
+@pytest.mark.parametrize("rows", ["torch", pytest.param("avx2", marks=needs_avx2)])
+def test_streaming_linear_equals_linear(rows):
+    torch.manual_seed(1)
+    plain = torch.nn.Linear(96, 40).to(BF16)
+    fast = layers.StreamingLinear.from_module(plain, rows)
+    assert f"rows={rows}" in repr(fast)
+    for shape in [(1, 1, 96), (3, 96), (2, 8, 96), (40, 96)]:  # streamed (<= 16 rows), and F.linear
+        x = torch.randn(shape).to(BF16)
+        with torch.no_grad():
+            got, expected = fast(x), F.linear(x, plain.weight, plain.bias)
+        assert got.dtype == BF16 and got.shape == expected.shape
+        # fp32 sums in either; the results differ by the bf16 rounding of the outputs at most
+        assert (got.float() - expected.float()).abs().max().item() <= 2 ** -7 * expected.float().abs().max().item()
+        if rows == "avx2" and x.numel() // 96 <= 16:  # the kernel's fp32 result, rounded once to bf16
+            exact = layers.float_rows(x.reshape(-1, 96), plain.weight, plain.bias).to(BF16)
+            assert torch.equal(got.reshape(-1, 40), exact)
+
+
 @needs_avx2
 def test_kernels_run_only_without_gradients(monkeypatch):
     calls = []

@@ -131,7 +131,7 @@ def test_widen_is_exact(src, dst):
 def test_widened_product_against_float64(monkeypatch, weight_dtype):
     import qwen2audio.kernels.products as products
 
-    monkeypatch.setattr(products, "WIDEN_BLOCK_BYTES", 5 * 4 * 96)  # 5-row blocks: 7 full blocks and a partial one
+    monkeypatch.setattr(products, "WIDEN_BLOCK_BYTES", 1)  # the smallest blocks, 16 rows: two full and a partial one
     g = torch.Generator().manual_seed(1)
     w = torch.randn(38, 96, generator=g).to(weight_dtype) if weight_dtype != torch.int8 else \
         torch.randint(-128, 128, (38, 96), dtype=torch.int8, generator=g)

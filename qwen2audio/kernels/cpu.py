@@ -4,7 +4,8 @@ parameters (print(model) shows them; `restore_plain(model)` undoes it). `load()`
 
 The choices (`kernels=`, CLI `--kernels`):
   "native"     products in the weights' dtype through torch's kernels, which use AMX / AVX512_BF16 where the CPU
-               has them; the decoder's few-row products stream each weight once (StreamingLinear); int8 decoding
+               has them; the decoder's few-row products stream each weight once (StreamingLinear: torch's addmv
+               where the CPU has AMX, the AVX2 kernel with fp32 sums elsewhere, see native_rows); int8 decoding
                through the AVX-512 VNNI kernel where the CPU has it, else the AVX2 one, else torch's
                `_weight_int8pack_mm`; int8 prefill through widened blocks (int8 -> bf16 / fp32) and GEMM
   "avx2"       for CPUs without bf16 arithmetic: bf16 / fp16 weights stay as stored and every product computes in
@@ -84,15 +85,17 @@ def prepare_for_cpu(model: nn.Module, kernels: str = "auto", verbose: bool = Fal
     features = cpu_features()
     choice, why = choose_kernels(kernels, features, dtype)
     has_int8 = any(is_int8_layer(m) for m in model.modules())
-    extension = cpu_extension(verbose) if choice == "avx2" or (choice == "native" and has_int8) else None
+    rows = native_rows(features, dtype)
+    wanted = choice == "avx2" or (choice == "native" and (has_int8 or rows == "avx2"))
+    extension = cpu_extension(verbose) if wanted else None
     if choice == "avx2" and extension is None:
         choice, why = "native", "the avx2 kernels could not be built (see the warning)"
     if choice == "avx2":
         count = swap_layers(model, lambda path, m: avx2_layer(m))
         model.activation_dtype = torch.float32 if dtype in NARROW else None  # bf16 in memory, fp32 arithmetic
     elif choice == "native":
-        isa = int8_isa(features) if extension is not None else "torch"
-        count = swap_layers(model, lambda path, m: native_layer(path, m, isa, extension is not None))
+        isa, rows = (int8_isa(features), rows) if extension is not None else ("torch", "torch")
+        count = swap_layers(model, lambda path, m: native_layer(path, m, rows, isa, extension is not None))
     else:
         count = 0
     log.info(f"CPU kernels: {choice} ({why}); {count} layers swapped; compute dtype {model.dtype}")
@@ -129,9 +132,17 @@ def avx2_layer(module: nn.Module) -> nn.Module | None:
     return None
 
 
-def native_layer(path: str, module: nn.Module, isa: str, widen: bool) -> nn.Module | None:
+def native_rows(features: set[str], dtype: torch.dtype) -> str:
+    """The few-row product of "native" bf16 / fp16 layers: torch's addmv where the CPU has AMX (it streams at 82-103%
+    of copy bandwidth on a Xeon), else the AVX2 kernel (torch's bf16 addmv streamed 1.4-2.9 GB/s on an AMD EPYC
+    Zen 4 and 1.8-2.0 on an AVX2 EPYC, the kernel 4-9 GB/s; benchmarks/README.md)."""
+    avx2 = {"avx2", "fma3"} <= features and not any(f.startswith("amx") for f in features)
+    return "avx2" if avx2 and dtype in NARROW else "torch"
+
+
+def native_layer(path: str, module: nn.Module, rows: str, isa: str, widen: bool) -> nn.Module | None:
     if type(module) is nn.Linear and path.startswith("language_model."):  # the decoder: where decoding streams
-        return StreamingLinear.from_module(module)
+        return StreamingLinear.from_module(module, rows)
     if is_int8_layer(module):
         return Int8CpuLinear.from_module(module, isa, widen)
     return None

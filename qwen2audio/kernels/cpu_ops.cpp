@@ -85,33 +85,62 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scales
   return y.to(x.scalar_type());
 }
 
-// dst = src, exactly, for src bf16 / fp16 / int8 and dst fp32, or src int8 and dst bf16 (same number of elements).
+// The exact widening of `from` to `to` for `count` elements: bf16 / fp16 / int8 -> fp32, or int8 -> bf16.
+using WidenFn = void (*)(const void* src, void* dst, int64_t count);
+
+WidenFn widen_fn(c10::ScalarType from, c10::ScalarType to) {
+  using namespace q2a;
+  if (to == torch::kFloat32 && from == torch::kBFloat16)
+    return [](const void* s, void* d, int64_t n) { widen_bf16_avx2(static_cast<const uint16_t*>(s), static_cast<float*>(d), n); };
+  if (to == torch::kFloat32 && from == torch::kHalf)
+    return [](const void* s, void* d, int64_t n) { widen_fp16_avx2(static_cast<const uint16_t*>(s), static_cast<float*>(d), n); };
+  if (to == torch::kFloat32 && from == torch::kChar)
+    return [](const void* s, void* d, int64_t n) { widen_int8_avx2(static_cast<const int8_t*>(s), static_cast<float*>(d), n); };
+  if (to == torch::kBFloat16 && from == torch::kChar)
+    return [](const void* s, void* d, int64_t n) { widen_int8_to_bf16_avx2(static_cast<const int8_t*>(s), static_cast<uint16_t*>(d), n); };
+  TORCH_CHECK(false, "widen: bf16 / fp16 / int8 -> fp32, or int8 -> bf16 expected, got ", from, " -> ", to);
+}
+
+// dst = src, exactly (same number of elements).
 void widen(torch::Tensor src, torch::Tensor dst) {
   TORCH_CHECK(src.is_contiguous() && dst.is_contiguous() && src.numel() == dst.numel() && src.device().is_cpu() &&
               dst.device().is_cpu(), "widen: contiguous CPU tensors of the same size expected");
   check_cpu(false);
-  const auto from = src.scalar_type(), to = dst.scalar_type();
-  std::function<void(int64_t, int64_t)> part;
-  if (to == torch::kFloat32 && (from == torch::kBFloat16 || from == torch::kHalf)) {
-    const auto* s = reinterpret_cast<const uint16_t*>(src.data_ptr());
-    const auto fn = from == torch::kHalf ? q2a::widen_fp16_avx2 : q2a::widen_bf16_avx2;
-    part = [=, d = dst.data_ptr<float>()](int64_t a, int64_t b) { fn(s + a, d + a, b - a); };
-  } else if (to == torch::kFloat32 && from == torch::kInt8) {
-    part = [s = src.data_ptr<int8_t>(), d = dst.data_ptr<float>()](int64_t a, int64_t b) {
-      q2a::widen_int8_avx2(s + a, d + a, b - a);
-    };
-  } else if (to == torch::kBFloat16 && from == torch::kInt8) {
-    part = [s = src.data_ptr<int8_t>(), d = reinterpret_cast<uint16_t*>(dst.data_ptr())](int64_t a, int64_t b) {
-      q2a::widen_int8_to_bf16_avx2(s + a, d + a, b - a);
-    };
-  } else {
-    TORCH_CHECK(false, "widen: bf16 / fp16 / int8 -> fp32, or int8 -> bf16 expected, got ", from, " -> ", to);
-  }
-  at::parallel_for(0, src.numel(), 1 << 16, part);
+  const WidenFn fn = widen_fn(src.scalar_type(), dst.scalar_type());
+  const auto* s = static_cast<const char*>(src.data_ptr());
+  auto* d = static_cast<char*>(dst.data_ptr());
+  const int64_t ss = src.element_size(), ds = dst.element_size();
+  at::parallel_for(0, src.numel(), 1 << 16, [&](int64_t a, int64_t b) { fn(s + a * ss, d + a * ds, b - a); });
+}
+
+// x (M, in) @ w.T for a weight stored narrower than x's dtype (fp32, or bf16 for int8 weights): each thread takes
+// blocks of `block_rows` weight rows, widens each into its own buffer (in its cache) and multiplies it there with
+// torch's single-threaded GEMM into its columns of y. One parallel region per product; no full-size copy.
+torch::Tensor widened_mm(torch::Tensor x, torch::Tensor w, int64_t block_rows) {
+  check_weight(x, w);
+  check_cpu(false);
+  TORCH_CHECK(x.is_contiguous() && block_rows > 0, "widened_mm: contiguous x and block_rows > 0 expected");
+  const WidenFn fn = widen_fn(w.scalar_type(), x.scalar_type());
+  const int64_t out = w.size(0), in = w.size(1), n_blocks = (out + block_rows - 1) / block_rows;
+  auto y = torch::empty({x.size(0), out}, x.options());
+  const auto* W = static_cast<const char*>(w.data_ptr());
+  const bool inference = c10::InferenceMode::is_enabled();  // thread-local: the workers take the caller's
+  at::parallel_for(0, n_blocks, 1, [&](int64_t first, int64_t last) {
+    c10::InferenceMode guard(inference);
+    auto buffer = torch::empty({block_rows, in}, x.options());
+    for (int64_t b = first; b < last; ++b) {
+      const int64_t start = b * block_rows, rows = std::min(block_rows, out - start);
+      fn(W + start * in * w.element_size(), buffer.data_ptr(), rows * in);
+      auto y_block = y.narrow(1, start, rows);
+      at::mm_out(y_block, x, buffer.narrow(0, 0, rows).t());
+    }
+  });
+  return y;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("float_linear_avx2", &float_linear_avx2, "x @ w.T + bias for a few fp32 rows and a bf16 / fp16 weight");
   m.def("int8_linear", &int8_linear, "scales * (x @ w.T) for a few rows and an int8 weight (isa avx2 / avx512_vnni)");
   m.def("widen", &widen, "dst = src, exactly: bf16 / fp16 / int8 -> fp32, int8 -> bf16");
+  m.def("widened_mm", &widened_mm, "x @ w.T for a narrower weight, widened block by block (per thread)");
 }

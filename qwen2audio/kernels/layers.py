@@ -4,7 +4,8 @@ Each is made from a plain layer with `from_module`, holds the very same Paramete
 state dict, its keys and dtypes are unchanged, so saving works as before), shows its own name in print(model), and
 gives the plain layer back with `plain()`. Each computes the plain layer's function; only the way differs:
 
-  StreamingLinear  nn.Linear in the weights' dtype; a few rows stream the weight once (torch's addmv / addmm)
+  StreamingLinear  nn.Linear in the weights' dtype; a few rows stream the weight once (torch's addmv / addmm, or
+                   the AVX2 kernel)
   Fp32Linear       nn.Linear over bf16 / fp16 weights, computed in fp32: a few rows through the AVX2 kernel, many
                    through widened blocks and fp32 GEMM (products.py); returns fp32
   Fp32Conv1d       nn.Conv1d over bf16 / fp16 weights, computed in fp32 (the weights are small: widened per call)
@@ -60,11 +61,28 @@ class KernelLinear(KernelLayer, nn.Linear):
 
 
 class StreamingLinear(KernelLinear):
+    """rows: the few-row product, "torch" (addmv / addmm) or "avx2" (bf16 / fp16 weights widened in registers,
+    fp32 sums, the result in x's dtype)."""
+
+    @classmethod
+    def from_module(cls, linear: nn.Linear, rows: str = "torch") -> "StreamingLinear":
+        layer = super().from_module(linear)
+        layer.rows = rows
+        return layer
+
     def forward(self, x: Tensor) -> Tensor:
         n_rows = x.numel() // self.in_features
         if needs_grad(x, self.weight, self.bias) or not 0 < n_rows <= MAX_SKINNY_ROWS or x.device.type != "cpu":
             return F.linear(x, self.weight, self.bias)
-        return streamed_rows(x.reshape(n_rows, self.in_features), self.weight, self.bias).view(*x.shape[:-1], -1)
+        rows = x.reshape(n_rows, self.in_features)
+        if self.rows == "avx2":
+            y = float_rows(rows, self.weight, self.bias).to(x.dtype)
+        else:
+            y = streamed_rows(rows, self.weight, self.bias)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rows={self.rows}"
 
 
 class Fp32Linear(KernelLinear):
