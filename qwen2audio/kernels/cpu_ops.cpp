@@ -88,16 +88,17 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scales
 // The exact widening of `from` to `to` for `count` elements: bf16 / fp16 / int8 -> fp32, or int8 -> bf16.
 using WidenFn = void (*)(const void* src, void* dst, int64_t count);
 
+template <typename S, typename D, void (*F)(const S*, D*, int64_t)>
+void widen_as(const void* src, void* dst, int64_t count) {
+  F(static_cast<const S*>(src), static_cast<D*>(dst), count);
+}
+
 WidenFn widen_fn(c10::ScalarType from, c10::ScalarType to) {
-  using namespace q2a;
-  if (to == torch::kFloat32 && from == torch::kBFloat16)
-    return [](const void* s, void* d, int64_t n) { widen_bf16_avx2(static_cast<const uint16_t*>(s), static_cast<float*>(d), n); };
-  if (to == torch::kFloat32 && from == torch::kHalf)
-    return [](const void* s, void* d, int64_t n) { widen_fp16_avx2(static_cast<const uint16_t*>(s), static_cast<float*>(d), n); };
-  if (to == torch::kFloat32 && from == torch::kChar)
-    return [](const void* s, void* d, int64_t n) { widen_int8_avx2(static_cast<const int8_t*>(s), static_cast<float*>(d), n); };
+  if (to == torch::kFloat32 && from == torch::kBFloat16) return widen_as<uint16_t, float, q2a::widen_bf16_avx2>;
+  if (to == torch::kFloat32 && from == torch::kHalf) return widen_as<uint16_t, float, q2a::widen_fp16_avx2>;
+  if (to == torch::kFloat32 && from == torch::kChar) return widen_as<int8_t, float, q2a::widen_int8_avx2>;
   if (to == torch::kBFloat16 && from == torch::kChar)
-    return [](const void* s, void* d, int64_t n) { widen_int8_to_bf16_avx2(static_cast<const int8_t*>(s), static_cast<uint16_t*>(d), n); };
+    return widen_as<int8_t, uint16_t, q2a::widen_int8_to_bf16_avx2>;
   TORCH_CHECK(false, "widen: bf16 / fp16 / int8 -> fp32, or int8 -> bf16 expected, got ", from, " -> ", to);
 }
 
