@@ -27,11 +27,12 @@ def hf_encode(hf, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
     inner = hf.model
     conv_lengths, token_lengths = inner.audio_tower._get_feat_extract_output_lengths(mask.sum(-1))
-    mask_2d = (torch.arange(1500)[None, :] < conv_lengths[:, None]).long()
-    dummy = torch.zeros(feats.shape[0], 1500, 1, dtype=inner.multi_modal_projector.linear.weight.dtype)
+    mask_2d = (torch.arange(1500, device=mask.device)[None, :] < conv_lengths[:, None]).long()
+    dummy = torch.zeros(feats.shape[0], 1500, 1, dtype=inner.multi_modal_projector.linear.weight.dtype,
+                        device=mask.device)
     attn = create_bidirectional_mask(config=inner.audio_tower.config, inputs_embeds=dummy, attention_mask=mask_2d)
     rows = inner.multi_modal_projector(inner.audio_tower(feats, attention_mask=attn).last_hidden_state)
-    return rows[torch.arange(rows.shape[1])[None, :] < token_lengths[:, None]]
+    return rows[torch.arange(rows.shape[1], device=mask.device)[None, :] < token_lengths[:, None]]
 
 
 def main() -> None:

@@ -64,6 +64,9 @@ def best_time(fn: Callable[[], object], repeat: int = 3, warmup: int = 3) -> flo
 
 
 def machine() -> str:
+    """The CPU's name, cores and the instruction sets that decide the kernels, torch and its threads."""
+    from qwen2audio.kernels.cpu import cpu_features
+
     cpu = "unknown CPU"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -72,7 +75,11 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    features = cpu_features()
+    flags = [f for f in ("avx2", "fma3", "avx512_f", "avx512_bf16", "avx512_vnni", "amx_bf16") if f in features]
+    missing = [f for f in ("avx512_f", "avx512_bf16", "amx_bf16") if f not in features]
+    return (f"{cpu}, {os.cpu_count()} cores ({' '.join(flags)}{'; no ' + ', '.join(missing) if missing else ''}), "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
 
 def print_table(title: str, header: list[str], rows: list[list[str]], markdown: bool = False) -> None:
@@ -112,6 +119,12 @@ def audio_prompts(seconds: list[float] | tuple[float, ...]) -> dict[str, torch.T
             "input_features": features, "feature_attention_mask": frame_mask}
 
 
+def sync(device: torch.device | str | None = None) -> None:
+    """Wait for the GPU (its work is asynchronous): a clock read after this counts the work before it."""
+    if torch.device(device or "cpu").type == "cuda":
+        torch.cuda.synchronize()
+
+
 def _rates(start: float, stamps: list[float], batch: int) -> dict[str, float]:
     """Time to first token, and decode tokens/s over the steps after it (all rows counted)."""
     ttft = stamps[0] - start
@@ -134,9 +147,11 @@ def ours_generate(pipe, inputs: dict[str, torch.Tensor], new_tokens: int,
         gen.prefill = prefill
     try:
         tokens, stamps = [], []
+        sync(inputs["input_ids"].device)
         start = time.perf_counter()
         options = pipe.options(max_new_tokens=new_tokens, do_sample=False, repetition_penalty=1.0, ignore_eos=True)
         for token, _ in pipe.generate_stream(**inputs, options=options):
+            sync(token.device)
             stamps.append(time.perf_counter())
             tokens.append(token)
     finally:
@@ -157,6 +172,7 @@ def hf_generate(hf, inputs: dict[str, torch.Tensor], new_tokens: int,
 
         def put(self, value) -> None:
             if self.prompt_seen:  # generate() first puts the prompt, then each step's tokens
+                sync(value.device)
                 self.stamps.append(time.perf_counter())
             self.prompt_seen = True
 
@@ -166,6 +182,7 @@ def hf_generate(hf, inputs: dict[str, torch.Tensor], new_tokens: int,
     hf.generation_config.eos_token_id = None
     clock = Clock()
     extra = dict(return_dict_in_generate=True, output_logits=True) if capture_logits else {}
+    sync(inputs["input_ids"].device)
     start = time.perf_counter()
     out = hf.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, repetition_penalty=1.0,
                       pad_token_id=PAD_ID, streamer=clock, **extra)

@@ -60,6 +60,9 @@ def _model_options(common: argparse.ArgumentParser, model: str) -> None:
                    help="auto: cuda if available, else mps, else cpu")
     g.add_argument("--quantize", choices=["int8"], default=None, help="weight-only int8 for the decoder")
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    g.add_argument("--kernels", default="auto", choices=["auto", "native", "avx2", "reference"],
+                   help="CPU kernels: auto (chosen from the CPU; --debug logs the choice), native (torch's, in the "
+                        "weights' dtype), avx2 (bf16 weights, fp32 arithmetic), reference (the plain model)")
     g.add_argument("--mmap", action="store_true",
                    help="keep the weight files mapped (by default they move into memory in the background after "
                         "loading): less memory, slower decoding")

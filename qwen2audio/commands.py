@@ -87,7 +87,8 @@ def load_pipeline(args: argparse.Namespace) -> tuple["Qwen2Audio", float]:
 
     start = time.perf_counter()
     pipe = qwen2audio.load(args.model, dtype=None if args.dtype == "auto" else args.dtype, device=args.device,
-                           quantize=args.quantize, compile=args.compile, mmap=True if args.mmap else None,
+                           quantize=args.quantize, compile=args.compile, kernels=args.kernels,
+                           mmap=True if args.mmap else None,
                            quiet=args.quiet)
     return pipe, time.perf_counter() - start
 

@@ -19,7 +19,7 @@ from .files import present
 from .config import GenerationConfig, Qwen2AudioConfig
 from .errors import WeightsError
 from .generate import GenerationOptions, decode_step, generate_stream
-from .kernels.cpu import use_cpu_gemv
+from .kernels.cpu import check_kernels, prepare_for_cpu
 from .memory import check_cache_fits
 from .model import Qwen2AudioForConditionalGeneration
 from .chat_template import Message, apply_chat_template, as_conversations, conversation_audios
@@ -247,15 +247,15 @@ def load_model(path: str | Path, model: torch.nn.Module | None = None, dtype: st
 
 
 def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-         quantize: str | None = None, compile: bool = False, cpu_gemv: bool | None = None,
+         quantize: str | None = None, compile: bool = False, kernels: str = "auto",
          quiet: bool = False, mmap: bool | None = None) -> Qwen2Audio:
     """Load a Qwen2-Audio checkpoint folder (or Hub repo id). dtype=None keeps the checkpoint's dtype.
 
     quantize="int8" loads the decoder's linear layers as weight-only int8, quantized as they are read (the
     full-precision decoder is never in memory); compile=True compiles the single-token decode step with
-    torch.compile (CUDA graphs on CUDA). cpu_gemv (default: on for CPU) runs decoder products of a few rows with
-    weight-streaming kernels (kernels/cpu.py): matrix-vector products, and for int8 a C++ kernel built on first
-    use on CPUs with AVX-512 VNNI (torch's own int8 kernel otherwise).
+    torch.compile (CUDA graphs on CUDA). On CPU, `kernels` picks the CPU kernels, put in place by
+    kernels.prepare_for_cpu: "auto" (chosen from what the CPU reports, logged on the "qwen2audio" logger),
+    "native", "avx2" or "reference" (the plain model); see kernels/cpu.py.
 
     On CPU, weights kept in the file's dtype end in memory of their own on huge pages (fastest decoding). By default
     (mmap=None, no quantize) the files are mapped, load() returns at once, and the weights move into that memory in
@@ -266,17 +266,18 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
     each generation first checks the sizes and modification times of the files it still maps, a WeightsError if
     one changed).
     """
-    check_load_args(path, dtype, compile=compile, cpu_gemv=cpu_gemv, quiet=quiet, mmap=mmap)
+    check_load_args(path, dtype, compile=compile, quiet=quiet, mmap=mmap)
     check_quantize(quantize)
     device = resolve_device(device)
+    check_kernels(kernels, device)
     folder = resolve_model_path(path, quiet=quiet)
     check_fits(folder, dtype, device, quantize, mapped=bool(mmap))
     mapped: list = []
     background = mmap is None and quantize is None  # an int8 decoder is read anyway: then read all of it
     model = load_weights(folder, dtype=dtype, device=device, progress=not quiet, quantize=quantize,
                          map_files=bool(mmap) or background, mapped=mapped if background else None)
-    if cpu_gemv if cpu_gemv is not None else device.type == "cpu":
-        use_cpu_gemv(model, verbose=not quiet)
+    if device.type == "cpu":  # the CPU layers, sharing the weights (print(pipe.model) shows them)
+        prepare_for_cpu(model, kernels, verbose=not quiet)
     has_tokenizer = present(folder / "tokenizer.json") or present(folder / "vocab.json")
     processor = Processor.from_folder(folder) if has_tokenizer else None
     pipe = Qwen2Audio(model, folder, GenerationConfig.from_file(folder), processor)

@@ -70,7 +70,7 @@ def check_load_args(path: object, dtype: object, allow_missing: object = (), **f
     if dtype is not None and not isinstance(dtype, (str, torch.dtype)):
         raise InputError(f"dtype must be None, a name like 'bfloat16' or a torch dtype, got {dtype!r:.40}")
     for name, value in flags.items():
-        if not isinstance(value, bool) and not (value is None and name in ("cpu_gemv", "mmap")):
+        if not isinstance(value, bool) and not (value is None and name == "mmap"):
             raise InputError(f"{name} must be True or False, got {value!r:.40} ({type(value).__name__})")
     if isinstance(allow_missing, (str, bytes)) or not isinstance(allow_missing, Sequence) or \
             not all(isinstance(p, str) for p in allow_missing):

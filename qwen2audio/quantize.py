@@ -3,9 +3,10 @@
 
 Each output channel keeps one scale: w[o, :] ~= scales[o] * q[o, :] with q in [-127, 127] (symmetric, absmax).
 Activations stay in the model dtype; the matmul reads int8 weights (half the bytes of bf16), which is what bounds
-decoding speed at batch 1. (The CPU kernel of kernels/cpu.py, used while decoding where it runs, rounds each
-activation row to int16 inside the product, an error far below the weights'.) The audio encoder stays in the model
-dtype.
+decoding speed at batch 1. Int8Linear's own forward is the plain math (dequantize, multiply: what torch.compile fuses
+on GPU); on CPU, kernels.prepare_for_cpu (called by load()) puts kernels.layers.Int8CpuLinear in its place, which
+shares its tensors and runs the int8 CPU kernels (decoding rounds each activation row to int16 inside the product,
+an error far below the weights'). The audio encoder stays in the model dtype.
 """
 
 import torch
@@ -13,11 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import InputError
-from .kernels.cpu import int8_product
 
 
 QUANTIZE_BLOCK_ROWS = 256  # rows converted at a time: the fp32 block stays in cache (3x faster than 2048 rows)
-INT8_KERNEL_MAX_ROWS = 16  # decoding; longer inputs (prefill) dequantize the weight once and run one bf16 matmul
 
 
 def check_quantize(quantize: str | None) -> None:
@@ -61,20 +60,8 @@ class Int8Linear(nn.Module):
             module.bias.data.copy_(linear.bias.data)
         return module
 
-    use_int8_kernel = False  # set by kernels.cpu.use_cpu_gemv where the AVX-512 VNNI kernel runs
-
     def forward(self, x: Tensor) -> Tensor:
-        n_rows = x.numel() // self.in_features
-        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32, torch.float16) and \
-                0 < n_rows <= INT8_KERNEL_MAX_ROWS:
-            flat = x.reshape(-1, self.in_features)
-            if self.use_int8_kernel:  # int8 weights streamed at memory speed (kernels/int8_gemv.cpp)
-                y = int8_product(flat, self.weight, self.scales)
-            else:  # torch's fused CPU kernel: int8 weights are read as they are, never widened in memory
-                y = torch._weight_int8pack_mm(flat, self.weight, self.scales.to(x.dtype))
-            y = y.view(*x.shape[:-1], -1)
-        else:
-            y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)  # fused by torch.compile on GPU
+        y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)  # integers exact in any float dtype
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:

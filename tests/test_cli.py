@@ -156,20 +156,20 @@ def test_voice_chat_without_prompt(work, pipe, loads, capsys):
 def test_two_audios_system_prompt_json_and_load_options(work, pipe, loads, capsys):
     argv = ["chat", "--model", "M", "--audio", str(work / "a.wav"), "--audio", str(work / "b.wav"),
             "--prompt", "Same sound?", "--system", "Be brief.", "--json", "--quiet", "--dtype", "float32",
-            "--device", "cpu", "--quantize", "int8", "--compile", "--mmap", *GREEDY]
+            "--device", "cpu", "--quantize", "int8", "--compile", "--mmap", "--kernels", "native", *GREEDY]
     assert cli.main(argv) == 0
     captured = capsys.readouterr()
     result = json.loads(captured.out)
     conversation = [{"role": "system", "content": "Be brief."}, user("Same sound?", work / "a.wav", work / "b.wav")]
     assert result["reply"] == pipe.chat(conversation, **API_GREEDY)
-    assert loads == [("M", dict(dtype="float32", device="cpu", quantize="int8", compile=True, mmap=True,
-                                quiet=True))]
+    assert loads == [("M", dict(dtype="float32", device="cpu", quantize="int8", compile=True, kernels="native",
+                                mmap=True, quiet=True))]
     assert captured.err == ""
 
 
 def test_defaults_pass_quiet_false_and_the_checkpoint_dtype(work, loads, capsys):
     assert cli.main(["chat", "--model", "M", "--prompt", "hi", "--device", "cpu", "--max-new-tokens", "2"]) == 0
-    assert loads == [("M", dict(dtype=None, device="cpu", quantize=None, compile=False, mmap=None,
+    assert loads == [("M", dict(dtype=None, device="cpu", quantize=None, compile=False, kernels="auto", mmap=None,
                                 quiet=False))]
     assert loads[0][1]["quiet"] is False  # the loader shows its bar only when stderr is a terminal
 

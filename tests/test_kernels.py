@@ -1,4 +1,7 @@
-"""Kernels against their plain definitions: the CPU gemv path equals F.linear; rms_norm and rope against math."""
+"""Each kernel against its plain definition, wherever it can run: the numeric kernels (reference.py) against math;
+the C++ CPU kernels (cpu_avx2.cpp, cpu_avx512.cpp) against float64 math with stated bounds; the torch products
+(products.py) against F.linear. The AVX2 kernels run on every x86-64 CPU with AVX2 + FMA, AVX-512 ones included;
+a kernel this CPU cannot run is skipped with the reason. Layers, the choice and the model: test_cpu_layers.py."""
 
 import math
 
@@ -7,31 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from qwen2audio.kernels import apply_rope, rms_norm, rope_cos_sin
-from qwen2audio.kernels.cpu import GemvLinear, gemv_linear
+from qwen2audio.kernels.cpu import cpu_features
+from qwen2audio.kernels.extension import cpu_extension, unavailable_reason
+from qwen2audio.kernels.products import skinny_product, widened_product
 
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("bias", [True, False])
-def test_gemv_equals_linear(dtype, bias):
-    torch.manual_seed(0)
-    w = torch.randn(300, 256).to(dtype)
-    b = torch.randn(300).to(dtype) if bias else None
-    for shape in [(1, 1, 256), (1, 256), (256,), (3, 2, 256), (8, 1, 256), (40, 256)]:  # 1 row, few, many
-        x = torch.randn(shape).to(dtype)
-        expected, got = F.linear(x, w, b).float(), gemv_linear(x, w, b).float()
-        assert got.shape == expected.shape
-        # Only the summation order differs: a few fp32 / bf16 roundings of the largest output.
-        tol = (2e-6 if dtype == torch.float32 else 2e-2) * expected.abs().max().item()
-        assert (got - expected).abs().max().item() <= tol
-
-
-def test_gemv_linear_keeps_parameters():
-    linear = torch.nn.Linear(8, 4)
-    before = dict(linear.state_dict())
-    linear.__class__ = GemvLinear
-    assert linear.state_dict().keys() == before.keys()
-    x = torch.randn(1, 1, 8)
-    assert torch.allclose(linear(x), F.linear(x, before["weight"], before["bias"]), atol=1e-6)
+U = 2.0 ** -24  # fp32 unit roundoff
 
 
 def test_rms_norm_and_rope_against_math():
@@ -53,24 +36,119 @@ def test_rms_norm_and_rope_against_math():
     assert torch.allclose(rotated[0, 0, 2, 5], b * math.cos(angle) + a * math.sin(angle), atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_skinny_product_equals_linear(dtype, bias):
+    torch.manual_seed(0)
+    w = torch.randn(300, 256).to(dtype)
+    b = torch.randn(300).to(dtype) if bias else None
+    for n in (1, 3, 16):
+        x = torch.randn(n, 256).to(dtype)
+        expected, got = F.linear(x, w, b).float(), skinny_product(x, w, b).float()
+        assert got.shape == expected.shape == (n, 300)
+        # Only the summation order differs: a few fp32 / bf16 roundings of the largest output.
+        tol = (2e-6 if dtype == torch.float32 else 2e-2) * expected.abs().max().item()
+        assert (got - expected).abs().max().item() <= tol
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# The int8 C++ kernel (int8_gemv.cpp): built where the CPU has AVX-512 VNNI, checked against math in float64.
+# The C++ kernels. Each needs the extension (a C++ compiler and ninja) and its instruction set.
 
-from qwen2audio.kernels.cpu import int8_kernel, int8_kernel_unsupported  # noqa: E402
-from qwen2audio.quantize import Int8Linear, quantize_weight  # noqa: E402
+def _missing(*features: str) -> str | None:
+    why = unavailable_reason()
+    if why:
+        return why
+    missing = [f for f in features if f not in cpu_features()]
+    return f"this CPU lacks {', '.join(missing)}" if missing else None
 
-needs_vnni = pytest.mark.skipif(int8_kernel_unsupported() is not None,
-                                reason=f"the int8 kernel needs AVX-512 VNNI: {int8_kernel_unsupported()}")
+
+AVX2_MISSING = _missing("avx2", "fma3", "f16c")
+VNNI_MISSING = _missing("avx2", "fma3", "avx512_bw", "avx512_vl", "avx512_vnni")
+needs_avx2 = pytest.mark.skipif(AVX2_MISSING is not None, reason=f"the AVX2 kernels cannot run: {AVX2_MISSING}")
+ISAS = [pytest.param("avx2", marks=needs_avx2),
+        pytest.param("avx512_vnni", marks=pytest.mark.skipif(VNNI_MISSING is not None,
+                                                             reason=f"the VNNI kernel cannot run: {VNNI_MISSING}"))]
 
 
-@needs_vnni
-def test_int8_kernel_builds_where_the_cpu_allows_it():
-    assert int8_kernel() is not None  # a CPU with the instructions must get the kernel, not a silent fallback
+@needs_avx2
+def test_the_extension_builds_where_the_cpu_can_run_it():
+    assert cpu_extension() is not None  # a CPU with the instructions must get the kernels, not a silent fallback
 
+
+def float_bound(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """First-order error bound of the AVX2 kernel's fp32 arithmetic: 8 lanes each add in/8 products by FMA (one
+    rounding per step), a 3-step lane sum, up to 7 tail products (2 roundings each), the bias: at most
+    (in/8 + 18) roundings of the sum of |x w| (and |b|)."""
+    magnitude = x.double().abs() @ w.double().abs().T + (0 if b is None else b.double().abs())
+    return (x.shape[1] / 8 + 18) * U * magnitude
+
+
+@needs_avx2
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n_in", [7, 77, 4096])  # tail only, 8-lanes + tail, the 7B's width
+def test_float_rows_against_float64(weight_dtype, n_in):
+    g = torch.Generator().manual_seed(n_in)
+    w = torch.randn(4 * 9 + 3, n_in, generator=g).to(weight_dtype)  # 39 rows: blocks of 4 and a tail of 3
+    for n, with_bias in [(1, True), (2, False), (3, True), (16, True)]:
+        x = torch.randn(n, n_in, generator=g) * torch.logspace(-3, 2, n)[:, None]  # rows of different sizes
+        b = torch.randn(w.shape[0], generator=g) if with_bias else None
+        got = cpu_extension().float_linear_avx2(x, w, b)
+        exact = x.double() @ w.double().T + (0 if b is None else b.double())
+        assert got.dtype == torch.float32 and got.shape == (n, w.shape[0])
+        assert ((got.double() - exact).abs() <= float_bound(x, w, b)).all()
+
+
+@needs_avx2
+def test_float_rows_take_bf16_rows_and_bias():
+    # Activation rows and bias in bf16 are widened first: the same as passing them in fp32.
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(20, 50, generator=g).bfloat16()
+    x, b = torch.randn(2, 50, generator=g).bfloat16(), torch.randn(20, generator=g).bfloat16()
+    ext = cpu_extension()
+    assert torch.equal(ext.float_linear_avx2(x, w, b), ext.float_linear_avx2(x.float(), w, b.float()))
+
+
+@needs_avx2
+@pytest.mark.parametrize("src, dst", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                      (torch.int8, torch.float32), (torch.int8, torch.bfloat16)])
+def test_widen_is_exact(src, dst):
+    g = torch.Generator().manual_seed(0)
+    if src == torch.int8:
+        values = torch.cat([torch.arange(-128, 128), torch.randint(-128, 128, (1000,), generator=g)]).to(torch.int8)
+    else:  # normal numbers, subnormals, zeros of both signs, infinities, NaN
+        info = torch.finfo(src)
+        special = torch.tensor([0.0, -0.0, info.tiny, info.tiny / 4, -info.tiny / 8, info.max, -info.max,
+                                math.inf, -math.inf, math.nan])
+        values = torch.cat([special, torch.randn(1000, generator=g) * 100]).to(src)
+    for count in (1, 7, 8, 15, 16, 17, values.numel()):  # vector widths and every tail
+        out = torch.full((count,), 7.0, dtype=dst)
+        cpu_extension().widen(values[:count], out)
+        torch.testing.assert_close(out, values[:count].to(dst), rtol=0, atol=0, equal_nan=True)
+
+
+@needs_avx2
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.int8])
+def test_widened_product_against_float64(monkeypatch, weight_dtype):
+    import qwen2audio.kernels.products as products
+
+    monkeypatch.setattr(products, "WIDEN_BLOCK_BYTES", 1)  # the smallest blocks, 16 rows: two full and a partial one
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(38, 96, generator=g).to(weight_dtype) if weight_dtype != torch.int8 else \
+        torch.randint(-128, 128, (38, 96), dtype=torch.int8, generator=g)
+    x = torch.randn(40, 96, generator=g)
+    got = widened_product(x, w, torch.float32)
+    exact = x.double() @ w.double().T
+    assert got.shape == (40, 38) and ((got.double() - exact).abs() <= float_bound(x, w, None)).all()
+    if weight_dtype == torch.int8:  # int8 widened to bf16 for a bf16 GEMM: the integers are exact there too
+        got = widened_product(x.bfloat16(), w, torch.bfloat16)
+        torch.testing.assert_close(got, F.linear(x.bfloat16(), w.bfloat16()), rtol=0, atol=0)
+
+
+# -- int8: the AVX2 and AVX-512 VNNI kernels compute the same exact integer sums.
 
 def int8_reference(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the kernel's math, exact in float64: each row rounded to int16 with scale max|x| / 32767 (fp32, as the
-    kernel); an error bound against the unrounded rows: half a rounding step per element, times sum |w| * scale)."""
+    """(the kernels' math, exact in float64: each row rounded to int16 with scale max|x| / 32767 (fp32, as the
+    kernels); an error bound against the unrounded rows: half a rounding step per element, times sum |w| * scale)."""
     x32 = x.float()
     sx = x32.abs().amax(dim=1, keepdim=True) / 32767
     xq = torch.where(sx > 0, torch.round(x32 / torch.where(sx > 0, sx, 1)), 0).double() * sx.double()
@@ -79,17 +157,17 @@ def int8_reference(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> tu
     return exact, bound
 
 
-@needs_vnni
-@pytest.mark.parametrize("n_in", [32, 77, 4096, 8192 + 40])  # whole 32-lanes, a tail, the 7B width, two int32 chunks
-def test_int8_kernel_against_math(n_in):
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n_in", [32, 77, 4096, 8192 + 40])  # whole vectors, a tail, the 7B width, two chunks
+def test_int8_kernel_against_math(isa, n_in):
     g = torch.Generator().manual_seed(n_in)
-    out = 4 * 9 + 3  # not a multiple of 4: the last rows take the plain path
+    out = 4 * 9 + 3  # not a multiple of 4: the last rows take the one-row path
     w = torch.randint(-128, 128, (out, n_in), dtype=torch.int8, generator=g)
     scales = torch.rand(out, generator=g) * 0.01
     for n in (1, 2, 3, 16):
         x = torch.randn(n, n_in, generator=g) * torch.logspace(-3, 1, n)[:, None]  # rows of different sizes
         x[:, :5] *= 50  # a few large activations, as real decoder inputs have
-        got = torch.ops.qwen2audio.int8_gemv(x, w, scales).double()
+        got = cpu_extension().int8_linear(x, w, scales, isa).double()
         exact, bound = int8_reference(x, w, scales)
         true = x.double() @ w.double().T * scales.double()
         # exact integer sums, scaled in float64, then one rounding to fp32
@@ -97,73 +175,25 @@ def test_int8_kernel_against_math(n_in):
         assert ((got - true).abs() <= bound * 1.001 + 1e-6 * true.abs().amax(dim=1, keepdim=True)).all()
 
 
-@needs_vnni
-def test_int8_kernel_edge_values():
-    # The largest products in every lane for more than one chunk: int32 sums must not overflow.
+@pytest.mark.parametrize("isa", ISAS)
+def test_int8_kernel_edge_values(isa):
+    # The largest products in every lane over more than one chunk: the int32 sums must not overflow.
     x = torch.full((1, 20000), -3.0)
     for value in (127, -128):
         w = torch.full((4, 20000), value, dtype=torch.int8)
-        got = torch.ops.qwen2audio.int8_gemv(x, w, torch.ones(4)).double()
+        got = cpu_extension().int8_linear(x, w, torch.ones(4), isa).double()
         expected = -3.0 * value * 20000  # x rounds to -32767 * (3 / 32767): exact up to the fp32 scale
         assert ((got - expected).abs() <= 1e-6 * abs(expected)).all()
     zero = torch.zeros(2, 64)  # an all-zero row has no scale: its outputs are zero
-    assert torch.equal(torch.ops.qwen2audio.int8_gemv(zero, torch.ones(5, 64, dtype=torch.int8), torch.ones(5)),
-                       torch.zeros(2, 5))
+    got = cpu_extension().int8_linear(zero, torch.ones(5, 64, dtype=torch.int8), torch.ones(5), isa)
+    assert torch.equal(got, torch.zeros(2, 5))
 
 
-@needs_vnni
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_linear_with_the_kernel_equals_without(dtype):
-    torch.manual_seed(0)
-    linear = torch.nn.Linear(256, 300).to(dtype)
-    plain = Int8Linear.from_linear(linear)
-    fast = Int8Linear.from_linear(linear)
-    fast.use_int8_kernel = True
-    assert torch.equal(plain.weight, quantize_weight(linear.weight.data)[0])
-    for shape in [(1, 1, 256), (4, 256), (2, 8, 256), (40, 256)]:  # decoding rows, and a prefill (no kernel)
-        x = torch.randn(shape).to(dtype)
-        expected, got = plain(x).float(), fast(x).float()
-        tol = (1e-4 if dtype == torch.float32 else 2e-2) * expected.abs().max().item()
-        assert got.shape == expected.shape and (got - expected).abs().max().item() <= tol
-
-
-@needs_vnni
-def test_int8_kernel_generates_what_torchs_int8_kernel_generates(tiny_checkpoint):
-    import qwen2audio
-    from helpers import audio_prompt_ids, left_pad, test_signal
-    from qwen2audio.features import audio_token_count, extract_features
-
-    features, frame_mask = extract_features([test_signal(1.0, seed=4), test_signal(2.0, seed=5)])
-    rows = [audio_prompt_ids([audio_token_count(int(f))], [[9707, 11], [3555, 374] * (i + 1)])
-            for i, f in enumerate(frame_mask.sum(-1).tolist())]
-    input_ids, attention_mask = left_pad(rows)
-    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, input_features=features,
-                  feature_attention_mask=frame_mask)
-    options = dict(max_new_tokens=12, do_sample=False, repetition_penalty=1.0, ignore_eos=True)
-    fast = qwen2audio.load(tiny_checkpoint, quantize="int8", quiet=True)
-    plain = qwen2audio.load(tiny_checkpoint, quantize="int8", cpu_gemv=False, quiet=True)
-    assert fast.model.language_model.lm_head.use_int8_kernel and not plain.model.language_model.lm_head.use_int8_kernel
-    torch.testing.assert_close(fast.generate(**inputs, **options), plain.generate(**inputs, **options), rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("failure", ["unsupported cpu", "build error"])
-def test_int8_falls_back_to_torchs_kernel_with_a_warning(tiny_checkpoint, monkeypatch, failure):
-    import torch.utils.cpp_extension
-
-    import qwen2audio
-    import qwen2audio.kernels.cpu as cpu
-
-    monkeypatch.setattr(cpu, "_int8_kernel", None)  # forget the kernel this process may have loaded
-    if failure == "unsupported cpu":
-        monkeypatch.setattr(cpu, "int8_kernel_unsupported", lambda: "this CPU lacks avx512_vnni")
-    else:
-        def no_compiler(*args, **kwargs):
-            raise RuntimeError("Ninja is required to load C++ extensions")
-        monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
-        monkeypatch.setattr(cpu, "int8_kernel_unsupported", lambda: None)
-    with pytest.warns(UserWarning, match="lacks avx512_vnni" if failure == "unsupported cpu" else "pip install ninja"):
-        pipe = qwen2audio.load(tiny_checkpoint, quantize="int8", quiet=True)
-    head = pipe.model.language_model.lm_head
-    assert isinstance(head, Int8Linear) and not head.use_int8_kernel
-    ids = torch.tensor([[9707, 11, 3555]])
-    assert pipe.generate(ids, max_new_tokens=3, do_sample=False, ignore_eos=True).shape == (1, 3)
+@pytest.mark.skipif(VNNI_MISSING is not None, reason=f"the VNNI kernel cannot run: {VNNI_MISSING}")
+def test_int8_kernels_agree_bit_for_bit():
+    g = torch.Generator().manual_seed(7)
+    w = torch.randint(-128, 128, (37, 4100), dtype=torch.int8, generator=g)
+    x, scales = torch.randn(5, 4100, generator=g).bfloat16(), torch.rand(37, generator=g).bfloat16()
+    ext = cpu_extension()
+    avx2, vnni = ext.int8_linear(x, w, scales, "avx2"), ext.int8_linear(x, w, scales, "avx512_vnni")
+    assert avx2.dtype == torch.bfloat16 and torch.equal(avx2, vnni)

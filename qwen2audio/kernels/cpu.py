@@ -1,143 +1,164 @@
-"""CPU kernels for decoding (a few rows times a weight matrix), chosen explicitly by `load()` on CPU.
+"""The fast CPU paths as one explicit step of inference: `prepare_for_cpu(model, kernels)` chooses the kernels once,
+from what the CPU reports, and swaps the model's layers for the CPU layers of layers.py, which share their
+parameters (print(model) shows them; `restore_plain(model)` undoes it). `load()` calls it on CPU.
 
-Decoding multiplies each decoder weight matrix by one row per sequence of the batch, so its speed is how fast the
-weights stream from memory.
-- bf16 / fp32: torch's `addmv` (one row) and `addmm` on weight @ rows.T (a few rows) stream a weight at close to
-  memory bandwidth, while `F.linear` with such skinny inputs reads the same weight up to twice as slowly (measured
-  in benchmarks/). Same parameters, same math; the reference path is `F.linear`.
-- int8: `int8_gemv.cpp`, a small C++ kernel (AVX-512 VNNI) built on first use, streams int8 weights about 1.6x
-  faster than torch's `_weight_int8pack_mm`, which is limited by widening each weight to fp32.
-tests/test_kernels.py holds each against its reference.
+The choices (`kernels=`, CLI `--kernels`):
+  "native"     products in the weights' dtype through torch's kernels, which use AMX / AVX512_BF16 where the CPU
+               has them; the decoder's few-row products stream each weight once (StreamingLinear: torch's addmv
+               where the CPU has AMX, the AVX2 kernel with fp32 sums elsewhere, see native_rows); int8 decoding
+               through the AVX-512 VNNI kernel where the CPU has it, else the AVX2 one, else torch's
+               `_weight_int8pack_mm`; int8 prefill through widened blocks (int8 -> bf16 / fp32) and GEMM
+  "avx2"       for CPUs without bf16 arithmetic: bf16 / fp16 weights stay as stored and every product computes in
+               fp32 with the AVX2 + FMA kernels (Fp32Linear, Fp32Conv1d, Fp32LayerNorm); the decoder's activations
+               and KV cache are fp32 (model.activation_dtype); int8 decoding through the AVX2 kernel
+  "reference"  nothing swapped: the plain model (F.linear), the specification the others are tested against
+  "auto"       (default) "native" where the CPU multiplies the weights' dtype in hardware (bf16: AMX or
+               AVX512_BF16), or the weights are fp32; "avx2" on other x86-64 CPUs with AVX2 + FMA; else "native"
 """
 
-import sys
-import warnings
+import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
+
+from ..errors import InputError
+from .extension import cpu_extension
+from .layers import Fp32Conv1d, Fp32LayerNorm, Fp32Linear, Int8CpuLinear, KernelLayer, StreamingLinear
+
+log = logging.getLogger("qwen2audio")
+
+KERNELS = ("auto", "native", "avx2", "reference")
+NARROW = (torch.bfloat16, torch.float16)
+# The hardware that multiplies a dtype fast (torch's names for the CPU's features).
+HARDWARE = {torch.bfloat16: ("amx_bf16", "avx512_bf16"), torch.float16: ("amx_fp16", "avx512_fp16")}
+VNNI = {"avx512_bw", "avx512_vl", "avx512_vnni"}  # what the AVX-512 int8 kernel needs
+_CPUINFO_NAMES = {"fma": "fma3", "avx512f": "avx512_f", "avx512bw": "avx512_bw", "avx512vl": "avx512_vl"}
 
 
-MAX_SKINNY_ROWS = 16  # up to this many rows (decoding a batch), the weight-streaming form below is faster
+def cpu_features() -> set[str]:
+    """The instruction sets this CPU reports, under torch's names ("avx2", "fma3", "avx512_bf16", "amx_bf16",
+    "avx512_vnni", ...): torch.cpu.get_capabilities(), else the flags of /proc/cpuinfo."""
+    if hasattr(torch.cpu, "get_capabilities"):
+        return {name for name, value in torch.cpu.get_capabilities().items() if value is True}
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return set()
+    return {_CPUINFO_NAMES.get(f, f) for f in flags.split(":", 1)[1].split()}
 
 
-def skinny_product(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """rows (n, in) @ weight.T + bias for a few rows: one pass over the weight, as `addmv` / `addmm` on
-    weight @ rows.T."""
-    if rows.shape[0] == 1:
-        out = torch.mv(weight, rows[0]) if bias is None else torch.addmv(bias, weight, rows[0])
-        return out[None]
-    out = torch.mm(weight, rows.T) if bias is None else torch.addmm(bias[:, None], weight, rows.T)  # (out, n)
-    return out.T.contiguous()
+def check_kernels(kernels: str, device: torch.device = torch.device("cpu")) -> None:
+    """The one check of a `kernels` argument: a known choice, and one that applies to the device."""
+    if kernels not in KERNELS:
+        raise InputError(f"kernels must be one of {', '.join(map(repr, KERNELS))}, got {kernels!r}")
+    if kernels not in ("auto", "reference") and device.type != "cpu":
+        raise InputError(f"kernels={kernels!r} chooses CPU kernels, but the device is {device}; leave kernels='auto'")
 
 
-# The same, as a custom op for torch.compile: compiled code calls it as it is instead of generating its own, slower,
-# reduction loops. Eager code calls the function itself: a custom op's first call imports ~800 modules (1-2 s).
-@torch.library.custom_op("qwen2audio::skinny_linear", mutates_args=())
-def skinny_linear(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    return skinny_product(rows, weight, bias)
+def choose_kernels(kernels: str, features: set[str], dtype: torch.dtype) -> tuple[str, str]:
+    """(choice, why) for a `kernels` argument, the CPU's features and the weights' dtype."""
+    check_kernels(kernels)
+    has_avx2 = {"avx2", "fma3"} <= features
+    if kernels == "avx2" and not has_avx2:
+        raise InputError("kernels='avx2' needs a CPU with AVX2 and FMA, and this one reports neither or only one; "
+                         "use kernels='auto'")
+    if kernels != "auto":
+        return kernels, "asked for"
+    if dtype not in NARROW:
+        return "native", f"{dtype} weights: torch's kernels multiply them fast on every CPU"
+    hardware = [f for f in HARDWARE[dtype] if f in features]
+    if hardware:
+        return "native", f"this CPU multiplies {dtype} in hardware ({', '.join(hardware)})"
+    if has_avx2:
+        return "avx2", f"this CPU has AVX2 + FMA but no {dtype} arithmetic ({' or '.join(HARDWARE[dtype])})"
+    return "native", "this CPU has no AVX2 + FMA"
 
 
-@skinny_linear.register_fake
-def _(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    return rows.new_empty(rows.shape[0], weight.shape[0])
+def prepare_for_cpu(model: nn.Module, kernels: str = "auto", verbose: bool = False) -> str:
+    """Swap the layers of a Qwen2-Audio model for the CPU layers of `kernels` (see the module docstring), in place;
+    returns the choice made. Parameters are shared, never copied. The choice is logged on the "qwen2audio" logger;
+    verbose: say on stderr when the C++ kernels are loaded (their first use builds them)."""
+    restore_plain(model)
+    dtype = model.language_model.model.embed_tokens.weight.dtype
+    features = cpu_features()
+    choice, why = choose_kernels(kernels, features, dtype)
+    has_int8 = any(is_int8_layer(m) for m in model.modules())
+    rows = native_rows(features, dtype)
+    wanted = choice == "avx2" or (choice == "native" and (has_int8 or rows == "avx2"))
+    extension = cpu_extension(verbose) if wanted else None
+    if choice == "avx2" and extension is None:
+        choice, why = "native", "the avx2 kernels could not be built (see the warning)"
+    if choice == "avx2":
+        count = swap_layers(model, lambda path, m: avx2_layer(m))
+        model.activation_dtype = torch.float32 if dtype in NARROW else None  # bf16 in memory, fp32 arithmetic
+    elif choice == "native":
+        isa, rows = (int8_isa(features), rows) if extension is not None else ("torch", "torch")
+        count = swap_layers(model, lambda path, m: native_layer(path, m, rows, isa, extension is not None))
+    else:
+        count = 0
+    log.info(f"CPU kernels: {choice} ({why}); {count} layers swapped; compute dtype {model.dtype}")
+    return choice
 
 
-def gemv_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """F.linear(x, weight, bias), computed by streaming the weight once when x holds a few rows on CPU."""
-    n_rows = x.numel() // x.shape[-1]
-    if x.device.type != "cpu" or n_rows > MAX_SKINNY_ROWS or n_rows == 0 or not weight.dtype.is_floating_point:
-        return F.linear(x, weight, bias)
-    product = skinny_linear if torch.compiler.is_compiling() else skinny_product
-    out = product(x.reshape(n_rows, x.shape[-1]), weight, bias)  # (n_rows, out)
-    return out.view(*x.shape[:-1], -1)
+def int8_isa(features: set[str]) -> str:
+    """The int8 decoding kernel for a CPU: AVX-512 VNNI, else AVX2 (the same results), else torch's."""
+    return "avx512_vnni" if VNNI <= features else "avx2" if {"avx2", "fma3"} <= features else "torch"
 
 
-class GemvLinear(nn.Linear):
-    """nn.Linear with the same parameters (and checkpoint keys) whose one-row products use gemv_linear."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return gemv_linear(x, self.weight, self.bias)
-
-
-def use_cpu_gemv(model: nn.Module, verbose: bool = False) -> nn.Module:
-    """Switch every plain nn.Linear of the decoder to GemvLinear, in place (no copy: only the class changes), and
-    int8 layers to the int8 kernel below where it can run."""
-    from ..quantize import Int8Linear
-
-    int8_layers = []
-    for module in model.language_model.modules():
-        if type(module) is nn.Linear:
-            module.__class__ = GemvLinear
-        elif isinstance(module, Int8Linear):
-            int8_layers.append(module)
-    if int8_layers and int8_kernel(verbose) is not None:
-        for module in int8_layers:
-            module.use_int8_kernel = True
-    return model
+def restore_plain(model: nn.Module) -> None:
+    """Undo prepare_for_cpu: the plain layers back (sharing the parameters), activations in the weights' dtype."""
+    swap_layers(model, lambda path, m: m.plain() if isinstance(m, KernelLayer) else None)
+    model.activation_dtype = None
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Weight-only int8: a C++ kernel (int8_gemv.cpp, AVX-512 VNNI) compiled on first use with torch's cpp_extension.
-
-INT8_KERNEL_FEATURES = ("avx512_f", "avx512_bw", "avx512_vl", "avx512_vnni")
-_INT8_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-fopenmp"]
-_int8_kernel: object = None  # the built module, or the reason it is unavailable (str)
+def is_int8_layer(module: nn.Module) -> bool:
+    """A weight-only int8 layer (quantize.Int8Linear): an int8 weight (out, in) and per-row scales."""
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and weight.dtype == torch.int8 and hasattr(module, "scales")
 
 
-def int8_kernel_unsupported() -> str | None:
-    """Why this CPU cannot run the int8 kernel, or None when it can."""
-    if not hasattr(torch.cpu, "get_capabilities"):
-        return "this torch version cannot report the CPU's instruction sets"
-    capabilities = torch.cpu.get_capabilities()
-    missing = [f for f in INT8_KERNEL_FEATURES if not capabilities.get(f)]
-    return f"this CPU lacks {', '.join(missing)}" if missing else None
+def avx2_layer(module: nn.Module) -> nn.Module | None:
+    narrow = getattr(module, "weight", None) is not None and module.weight.dtype in NARROW
+    if type(module) is nn.Linear:
+        return Fp32Linear.from_module(module) if narrow else StreamingLinear.from_module(module)
+    if type(module) is nn.Conv1d and narrow:
+        return Fp32Conv1d.from_module(module)
+    if type(module) is nn.LayerNorm and narrow:
+        return Fp32LayerNorm.from_module(module)
+    if is_int8_layer(module):
+        return Int8CpuLinear.from_module(module, "avx2", widen=True)
+    return None
 
 
-def int8_kernel(verbose: bool = False):
-    """The compiled int8 kernel module, or None (with a warning once) where it cannot run or be built.
-
-    It needs a CPU with the AVX-512 VNNI instructions, a C++ compiler and ninja; the build (~30 s) happens once
-    and is cached by torch (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions).
-    """
-    global _int8_kernel
-    if _int8_kernel is None:
-        unsupported = int8_kernel_unsupported()
-        if unsupported:
-            _int8_kernel = unsupported
-        else:
-            try:
-                from torch.utils.cpp_extension import load
-
-                if verbose:
-                    print("preparing the int8 CPU kernel (built once in ~30 s, then cached by torch) ...",
-                          file=sys.stderr, flush=True)
-                _int8_kernel = load("qwen2audio_int8_gemv", [str(Path(__file__).with_name("int8_gemv.cpp"))],
-                                    extra_cflags=_INT8_FLAGS, extra_ldflags=["-fopenmp"], verbose=False)
-            except Exception as e:  # no compiler, no ninja, no headers: fall back, saying why
-                last = (str(e).strip().splitlines() or [""])[-1]
-                _int8_kernel = (f"it could not be built ({type(e).__name__}: {last}); it needs a C++ compiler and "
-                                "ninja (pip install ninja)")
-        if isinstance(_int8_kernel, str):
-            warnings.warn(f"int8 decoding uses torch's _weight_int8pack_mm: the faster int8 CPU kernel is off "
-                          f"because {_int8_kernel}", stacklevel=2)
-    return None if isinstance(_int8_kernel, str) else _int8_kernel
+def native_rows(features: set[str], dtype: torch.dtype) -> str:
+    """The few-row product of "native" bf16 / fp16 layers: torch's addmv where the CPU has AMX (it streams at 82-103%
+    of copy bandwidth on a Xeon), else the AVX2 kernel (torch's bf16 addmv streamed 1.4-2.9 GB/s on an AMD EPYC
+    Zen 4 and 1.8-2.0 on an AVX2 EPYC, the kernel 4-9 GB/s; benchmarks/README.md)."""
+    avx2 = {"avx2", "fma3"} <= features and not any(f.startswith("amx") for f in features)
+    return "avx2" if avx2 and dtype in NARROW else "torch"
 
 
-def int8_product(rows: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
-    """scales * (rows @ weight.T) for a few float rows (n, in) and an int8 weight (out, in); each row is rounded to
-    int16 with its own scale first (see int8_gemv.cpp). Compiled code calls it through the custom op below."""
-    if torch.compiler.is_compiling():
-        return torch.ops.qwen2audio.int8_gemv(rows, weight, scales)
-    return int8_kernel().int8_gemv(rows, weight, scales)
+def native_layer(path: str, module: nn.Module, rows: str, isa: str, widen: bool) -> nn.Module | None:
+    if type(module) is nn.Linear and path.startswith("language_model."):  # the decoder: where decoding streams
+        return StreamingLinear.from_module(module, rows)
+    if is_int8_layer(module):
+        return Int8CpuLinear.from_module(module, isa, widen)
+    return None
 
 
-@torch.library.custom_op("qwen2audio::int8_gemv", mutates_args=())
-def int8_gemv(rows: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
-    return int8_kernel().int8_gemv(rows, weight, scales)
+def swap_layers(model: nn.Module, make: Callable[[str, nn.Module], nn.Module | None]) -> int:
+    """Replace each layer for which make(path, layer) gives a new one (setattr on its parent); returns how many."""
+    count = 0
+    for parent_path, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            new = make(f"{parent_path}.{name}" if parent_path else name, child)
+            if new is not None:
+                setattr(parent, name, new)
+                count += 1
+    return count
 
 
-@int8_gemv.register_fake
-def _(rows: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
-    return rows.new_empty(rows.shape[0], weight.shape[0])
+def int8_kernel():  # the old name of extension.cpu_extension, still used by tests/test_weights.py: remove with it
+    return cpu_extension()

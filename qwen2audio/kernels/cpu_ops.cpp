@@ -1,0 +1,147 @@
+// The torch-facing side of the CPU kernels (kernels/extension.py builds this module; kernels/products.py calls it).
+//
+// Every function checks its tensors, converts small inputs (activation rows, biases, scales) to fp32, checks that
+// the CPU has the instructions of the family it calls (cpu_kernels.h), and splits the output rows over torch's
+// threads. Weights are used in place: never copied, never converted as a whole.
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <cmath>
+#include <vector>
+
+#include "cpu_kernels.h"
+
+namespace {
+
+void check_cpu(bool avx512_vnni) {
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  TORCH_CHECK(avx2, "qwen2audio CPU kernels: this CPU has no AVX2 + FMA");
+  TORCH_CHECK(!avx512_vnni || (__builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                               __builtin_cpu_supports("avx512vnni")),
+              "qwen2audio CPU kernels: this CPU has no AVX-512 VNNI");
+}
+
+void check_weight(const torch::Tensor& x, const torch::Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x (n, in) and weight (out, in) expected");
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && w.is_contiguous(), "contiguous CPU tensors expected");
+}
+
+constexpr int64_t kRowsPerTask = 64;  // output rows per thread task: small enough to share 11008 rows out evenly
+
+}  // namespace
+
+// (n, in) rows times a bf16 / fp16 weight (out, in), plus bias: (n, out) fp32.
+torch::Tensor float_linear_avx2(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  check_weight(x, w);
+  check_cpu(false);
+  TORCH_CHECK(w.scalar_type() == torch::kBFloat16 || w.scalar_type() == torch::kHalf, "bf16 or fp16 weight expected");
+  const auto type = w.scalar_type() == torch::kHalf ? q2a::WeightType::fp16 : q2a::WeightType::bf16;
+  const auto xf = x.to(torch::kFloat32).contiguous();
+  const auto bf = bias ? bias->to(torch::kFloat32).contiguous() : torch::Tensor();
+  TORCH_CHECK(!bias || (bf.dim() == 1 && bf.size(0) == w.size(0)), "bias (out,) expected");
+  const int64_t n = x.size(0), in = x.size(1), out = w.size(0);
+  auto y = torch::empty({n, out}, xf.options());
+  const auto* W = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  const float* B = bias ? bf.data_ptr<float>() : nullptr;
+  at::parallel_for(0, out, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    q2a::float_rows_avx2(xf.data_ptr<float>(), n, W, type, B, in, out, begin, end, y.data_ptr<float>());
+  });
+  return y;
+}
+
+// (n, in) rows times an int8 weight (out, in) with per-row scales: (n, out) in x's dtype. Each x row is rounded to
+// int16 with its own scale max|x| / 32767 first (an error of at most half that scale per element, far below the
+// int8 weights' own); the integer sums are exact. isa: "avx2" or "avx512_vnni" (the same results, bit for bit).
+torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scales, const std::string& isa) {
+  check_weight(x, w);
+  TORCH_CHECK(isa == "avx2" || isa == "avx512_vnni", "isa must be 'avx2' or 'avx512_vnni'");
+  check_cpu(isa == "avx512_vnni");
+  TORCH_CHECK(w.scalar_type() == torch::kInt8, "int8 weight expected");
+  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == w.size(0), "scales (out,) expected");
+  const int64_t n = x.size(0), in = x.size(1), out = w.size(0);
+  const int64_t stride = (in + q2a::kInt8RowPad - 1) / q2a::kInt8RowPad * q2a::kInt8RowPad;
+
+  const auto xf = x.to(torch::kFloat32).contiguous();
+  const float* X = xf.data_ptr<float>();
+  std::vector<int16_t> xq(n * stride, 0);
+  std::vector<float> sx(n, 0.f);
+  for (int64_t r = 0; r < n; ++r) {
+    float absmax = 0.f;
+    for (int64_t k = 0; k < in; ++k) absmax = std::max(absmax, std::fabs(X[r * in + k]));
+    if (absmax == 0.f) continue;  // a zero row stays zero
+    sx[r] = absmax / 32767.f;
+    for (int64_t k = 0; k < in; ++k)  // round half to even, as torch.round
+      xq[r * stride + k] = static_cast<int16_t>(std::nearbyint(X[r * in + k] / sx[r]));
+  }
+  const auto sf = scales.to(torch::kFloat32).contiguous();
+  auto y = torch::empty({n, out}, xf.options());
+  const auto rows = isa == "avx2" ? q2a::int8_rows_avx2 : q2a::int8_rows_vnni;
+  at::parallel_for(0, out, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    rows(xq.data(), sx.data(), n, stride, w.data_ptr<int8_t>(), sf.data_ptr<float>(), in, out, begin, end,
+         y.data_ptr<float>());
+  });
+  return y.to(x.scalar_type());
+}
+
+// The exact widening of `from` to `to` for `count` elements: bf16 / fp16 / int8 -> fp32, or int8 -> bf16.
+using WidenFn = void (*)(const void* src, void* dst, int64_t count);
+
+template <typename S, typename D, void (*F)(const S*, D*, int64_t)>
+void widen_as(const void* src, void* dst, int64_t count) {
+  F(static_cast<const S*>(src), static_cast<D*>(dst), count);
+}
+
+WidenFn widen_fn(c10::ScalarType from, c10::ScalarType to) {
+  if (to == torch::kFloat32 && from == torch::kBFloat16) return widen_as<uint16_t, float, q2a::widen_bf16_avx2>;
+  if (to == torch::kFloat32 && from == torch::kHalf) return widen_as<uint16_t, float, q2a::widen_fp16_avx2>;
+  if (to == torch::kFloat32 && from == torch::kChar) return widen_as<int8_t, float, q2a::widen_int8_avx2>;
+  if (to == torch::kBFloat16 && from == torch::kChar)
+    return widen_as<int8_t, uint16_t, q2a::widen_int8_to_bf16_avx2>;
+  TORCH_CHECK(false, "widen: bf16 / fp16 / int8 -> fp32, or int8 -> bf16 expected, got ", from, " -> ", to);
+}
+
+// dst = src, exactly (same number of elements).
+void widen(torch::Tensor src, torch::Tensor dst) {
+  TORCH_CHECK(src.is_contiguous() && dst.is_contiguous() && src.numel() == dst.numel() && src.device().is_cpu() &&
+              dst.device().is_cpu(), "widen: contiguous CPU tensors of the same size expected");
+  check_cpu(false);
+  const WidenFn fn = widen_fn(src.scalar_type(), dst.scalar_type());
+  const auto* s = static_cast<const char*>(src.data_ptr());
+  auto* d = static_cast<char*>(dst.data_ptr());
+  const int64_t ss = src.element_size(), ds = dst.element_size();
+  at::parallel_for(0, src.numel(), 1 << 16, [&](int64_t a, int64_t b) { fn(s + a * ss, d + a * ds, b - a); });
+}
+
+// x (M, in) @ w.T for a weight stored narrower than x's dtype (fp32, or bf16 for int8 weights): each thread takes
+// blocks of `block_rows` weight rows, widens each into its own buffer (in its cache) and multiplies it there with
+// torch's single-threaded GEMM into its columns of y. One parallel region per product; no full-size copy.
+torch::Tensor widened_mm(torch::Tensor x, torch::Tensor w, int64_t block_rows) {
+  check_weight(x, w);
+  check_cpu(false);
+  TORCH_CHECK(x.is_contiguous() && block_rows > 0, "widened_mm: contiguous x and block_rows > 0 expected");
+  const WidenFn fn = widen_fn(w.scalar_type(), x.scalar_type());
+  const int64_t out = w.size(0), in = w.size(1), n_blocks = (out + block_rows - 1) / block_rows;
+  auto y = torch::empty({x.size(0), out}, x.options());
+  const auto* W = static_cast<const char*>(w.data_ptr());
+  const bool inference = c10::InferenceMode::is_enabled();  // thread-local: the workers take the caller's
+  at::parallel_for(0, n_blocks, 1, [&](int64_t first, int64_t last) {
+    c10::InferenceMode guard(inference);
+    auto buffer = torch::empty({block_rows, in}, x.options());
+    for (int64_t b = first; b < last; ++b) {
+      const int64_t start = b * block_rows, rows = std::min(block_rows, out - start);
+      fn(W + start * in * w.element_size(), buffer.data_ptr(), rows * in);
+      auto y_block = y.narrow(1, start, rows);
+      at::mm_out(y_block, x, buffer.narrow(0, 0, rows).t());
+    }
+  });
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("float_linear_avx2", &float_linear_avx2, "x @ w.T + bias for a few fp32 rows and a bf16 / fp16 weight");
+  m.def("int8_linear", &int8_linear, "scales * (x @ w.T) for a few rows and an int8 weight (isa avx2 / avx512_vnni)");
+  m.def("widen", &widen, "dst = src, exactly: bf16 / fp16 / int8 -> fp32, int8 -> bf16");
+  m.def("widened_mm", &widened_mm, "x @ w.T for a narrower weight, widened block by block (per thread)");
+}
