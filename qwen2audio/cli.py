@@ -7,6 +7,7 @@
     qwen2audio transcribe speech.wav --language en             speech to text (the base model's ASR prompt)
     qwen2audio eval --task asr --data librispeech_eval.jsonl   an official benchmark, scored the official way
     qwen2audio serve --port 8000                               an OpenAI-compatible server (the serve extra)
+    qwen2audio finetune --model M --data train.jsonl --out DIR  fine-tune (LoRA by default; torchrun for more)
 
 Errors a user can cause print one line `error: ...` on stderr and exit non-zero; --debug shows the traceback.
 """
@@ -132,6 +133,9 @@ def _add_subcommands(sub: argparse._SubParsersAction) -> None:
     from .serve.cli import add_parser as add_serve_parser
 
     add_serve_parser(sub, common_options())
+    from .finetune.cli import add_parser as add_finetune_parser
+
+    add_finetune_parser(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,6 +171,10 @@ def run(args: argparse.Namespace) -> int:
 
     from .pipeline import resolve_device
 
+    if args.command == "finetune":  # its own options (finetune/cli.py); under torchrun, one rank of many
+        from .finetune.cli import run as run_finetune
+
+        return run_finetune(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.device = str(resolve_device(args.device))  # a device torch cannot use is an error before any file is read
@@ -211,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    if args.greedy and sampling_flags(args):
+    if getattr(args, "greedy", False) and sampling_flags(args):
         print(f"error: --greedy turns sampling off, so {', '.join(sampling_flags(args))} would do nothing; drop one "
               "or the other", file=sys.stderr)
         return 2
