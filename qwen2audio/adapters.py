@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import InputError, WeightsError
-from .lora import LoRALinear, lora_layers, train_only_lora, wrap_linear
+from .lora import LoRALinear, lora_layers, train_only_lora, unload_lora, wrap_linear
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -179,3 +179,26 @@ def load_adapter(model: nn.Module, folder: str | Path) -> list[str]:
             layer.lora_B.weight.copy_(b)
     train_only_lora(model)
     return [name for name, *_ in plan]
+
+
+def check_merge_args(folder: str | Path, quantize: str | None, mmap: bool | None) -> Path:
+    """What `load(..., adapter=folder)` needs, checked before any weight is read: the folder's adapter_config.json,
+    and weights it can change (read into memory, not int8)."""
+    if quantize is not None:
+        raise InputError("adapter= folds the adapter into full-precision weights, which quantize='int8' never "
+                         "holds: merge first (qwen2audio finetune --merge, or load without quantize and "
+                         "qwen2audio.save), then quantize the merged folder")
+    if mmap:
+        raise InputError("adapter= changes the weights in memory, so they cannot stay mapped from the files: drop "
+                         "mmap=True")
+    read_adapter_config(Path(folder))
+    return Path(folder)
+
+
+def merge_adapter(model: nn.Module, folder: str | Path) -> list[str]:
+    """Load a PEFT-layout adapter and fold it into the base weights (plain nn.Linear modules again, nothing
+    frozen): the model then runs at the base model's cost. Returns the layers it changed."""
+    names = load_adapter(model, folder)
+    unload_lora(model, merge=True)
+    model.requires_grad_(True)
+    return names

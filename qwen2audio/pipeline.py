@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .adapters import check_merge_args, merge_adapter
 from .cache import KVCache
 from .checkpoint import mapped_files
 from .files import present
@@ -248,7 +249,7 @@ def load_model(path: str | Path, model: torch.nn.Module | None = None, dtype: st
 
 def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
          quantize: str | None = None, compile: bool = False, kernels: str = "auto",
-         quiet: bool = False, mmap: bool | None = None) -> Qwen2Audio:
+         quiet: bool = False, mmap: bool | None = None, adapter: str | Path | None = None) -> Qwen2Audio:
     """Load a Qwen2-Audio checkpoint folder (or Hub repo id). dtype=None keeps the checkpoint's dtype.
 
     quantize="int8" loads the decoder's linear layers as weight-only int8, quantized as they are read (the
@@ -264,7 +265,8 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
     mmap=False reads them before returning; mmap=True keeps them mapped (decoding is slower, and the files must
     not change while the model lives: a file truncated under the mapping kills the process with SIGBUS when read;
     each generation first checks the sizes and modification times of the files it still maps, a WeightsError if
-    one changed).
+    one changed). adapter: a LoRA adapter folder in PEFT's layout (`qwen2audio finetune`'s OUT/adapter), folded
+    into the weights after loading (the weights are then read, not mapped).
     """
     check_load_args(path, dtype, compile=compile, quiet=quiet, mmap=mmap)
     check_quantize(quantize)
@@ -272,10 +274,14 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
     check_kernels(kernels, device)
     folder = resolve_model_path(path, quiet=quiet)
     check_fits(folder, dtype, device, quantize, mapped=bool(mmap))
+    if adapter is not None:
+        check_merge_args(adapter, quantize, mmap)
     mapped: list = []
-    background = mmap is None and quantize is None  # an int8 decoder is read anyway: then read all of it
+    background = mmap is None and quantize is None and adapter is None  # an int8 decoder is read anyway
     model = load_weights(folder, dtype=dtype, device=device, progress=not quiet, quantize=quantize,
                          map_files=bool(mmap) or background, mapped=mapped if background else None)
+    if adapter is not None:
+        merge_adapter(model, adapter)
     if device.type == "cpu":  # the CPU layers, sharing the weights (print(pipe.model) shows them)
         prepare_for_cpu(model, kernels, verbose=not quiet)
     has_tokenizer = present(folder / "tokenizer.json") or present(folder / "vocab.json")

@@ -39,3 +39,19 @@ def decoder_heavy_checkpoint(tmp_path_factory) -> Path:
     return save_tiny_checkpoint(tmp_path_factory.mktemp("heavy"), vocab_size=8192, hidden_size=512,
                                 intermediate_size=2048, num_hidden_layers=16, num_attention_heads=8,
                                 num_key_value_heads=8, bos_token_id=None, eos_token_id=None, max_shard_size="100MB")
+
+
+@pytest.fixture(scope="session")
+def finetune_model(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The tiny checkpoint with the real tokenizer files: a folder `finetune` (and `chat`) can load."""
+    from finetune_helpers import model_folder
+
+    return model_folder(tiny_checkpoint, tmp_path_factory.mktemp("finetune_model"))
+
+
+@pytest.fixture(scope="session")
+def finetune_data(tmp_path_factory) -> Path:
+    """train.jsonl: 8 lines (conversations and base-model examples) over 0.5-0.7 s test-signal clips."""
+    from finetune_helpers import write_data
+
+    return write_data(tmp_path_factory.mktemp("finetune_data"), 8)

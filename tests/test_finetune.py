@@ -1,0 +1,107 @@
+"""`qwen2audio finetune` on the tiny checkpoint: the loss falls, the outputs load (the adapter with
+load(adapter=), the merged folder in transformers and in `qwen2audio chat`), and a run interrupted after a
+checkpoint (even while writing the next one) resumes to the same weights as an uninterrupted run."""
+
+import json
+
+import pytest
+import torch
+from helpers import load_hf, test_signal
+from safetensors.torch import load_file
+
+import qwen2audio
+from qwen2audio.adapters import load_adapter
+from qwen2audio.cli import main
+from qwen2audio.finetune import finetune
+from qwen2audio.finetune import state as checkpoint_state
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def inputs(pipe):
+    conversation = [{"role": "user", "content": [{"type": "audio", "audio": test_signal(0.6, seed=5)},
+                                                 {"type": "text", "text": "What's that sound?"}]}]
+    return pipe.inputs(qwen2audio.apply_chat_template(conversation, add_generation_prompt=True),
+                       [test_signal(0.6, seed=5)])
+
+
+def logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch)
+
+
+def test_lora_run_learns_and_its_outputs_load(finetune_model, finetune_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    status = main(["finetune", "--model", str(finetune_model), "--data", str(finetune_data), "--out", str(out),
+                   "--max-steps", "30", "--batch-size", "2", "--grad-accum", "1", "--lr", "1e-2", "--merge",
+                   "--eval", str(finetune_data), "--eval-every", "15"])
+    assert status == 0
+    err = capsys.readouterr().err
+    assert "--lora-rank                8" in err and "--warmup-steps             0" in err  # the defaults, shown
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 31)) and all(r["lr"] > 0 for r in steps)
+    assert [r["step"] for r in log if "eval_loss" in r] == [15]
+    losses = [r["loss"] for r in steps]
+    # The random tiny model's lm_head (std 0.02, width 64) keeps every logit near +-1.3, so LoRA on the decoder
+    # alone cannot take the loss (log 151936 = 11.9) below ~10.6 (see test_learning.py): 0.5 is most of that room.
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.5, losses
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval_loss"] < losses[0] - 0.5 and summary["steps"] == 30
+    assert json.loads((out / "training_args.json").read_text())["lora_rank"] == 8
+
+    base = qwen2audio.load(finetune_model, quiet=True, kernels="reference")
+    tuned = qwen2audio.load(finetune_model, adapter=out / "adapter", quiet=True, kernels="reference")
+    batch = inputs(base)
+    unmerged = qwen2audio.load_model(finetune_model, quiet=True)
+    assert len(load_adapter(unmerged, out / "adapter")) == 2 * 7  # q k v o gate up down, 2 decoder layers
+    adapted = logits(tuned.model, batch)  # merged into the weights by load(adapter=)
+    assert (adapted - logits(unmerged, batch)).abs().max() < 1e-5
+    assert (adapted - logits(base.model, batch)).abs().max() > 1e-2  # the adapter changed the model
+    hf = load_hf(out / "merged")
+    with torch.no_grad():
+        theirs = hf(**batch).logits
+    assert (theirs - adapted).abs().max() < 1e-4
+    assert (logits(qwen2audio.load_model(out / "merged", quiet=True), batch) - adapted).abs().max() < 1e-4
+    assert main(["chat", "--model", str(out / "merged"), "--prompt", "Hi", "--max-new-tokens", "2", "--quiet",
+                 "--kernels", "reference"]) == 0
+
+
+def test_resume_after_a_checkpoint_ends_as_the_uninterrupted_run(finetune_model, finetune_data, tmp_path,
+                                                                 monkeypatch):
+    # Dropout on: the resumed run must also restore the random state to match.
+    options = dict(model=str(finetune_model), data=str(finetune_data), max_steps=6, batch_size=2, grad_accum=1,
+                   lr=1e-2, lora_dropout=0.1, save_every=2, quiet=True)
+    whole = finetune(out=str(tmp_path / "whole"), **options)
+    assert sorted(p.name for p in (tmp_path / "whole" / "checkpoints").iterdir()) == ["step-00000004"]
+
+    real_write = checkpoint_state._write
+
+    def killed_at_step_4(folder, name, *args, **kwargs):  # dies while writing the second checkpoint
+        if folder.name.startswith(".step-00000004") and name == "optimizer.safetensors":
+            (folder / name).write_bytes(b"half a file")
+            raise KeyboardInterrupt
+        return real_write(folder, name, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_state, "_write", killed_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(out=str(tmp_path / "cut"), **options)
+    monkeypatch.undo()
+    checkpoints = tmp_path / "cut" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".step-00000004.partial", "step-00000002"]
+    resumed = finetune(out=str(tmp_path / "cut"), **{**options, "resume": str(tmp_path / "cut")})
+    assert resumed["steps"] == 4 and abs(resumed["losses"][-1] - whole["losses"][-1]) < 1e-6
+    ours, theirs = (load_file(tmp_path / run / "adapter" / "adapter_model.safetensors") for run in ("cut", "whole"))
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) <= 1e-6
+    log = [json.loads(line)["step"] for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert log == [1, 2, 3, 4, 5, 6]  # the log continues from the checkpoint, without the lost steps twice
+
+
+def test_resume_refuses_another_run(finetune_model, finetune_data, tmp_path):
+    options = dict(model=str(finetune_model), data=str(finetune_data), max_steps=2, batch_size=2, grad_accum=1,
+                   save_every=1, quiet=True)
+    finetune(out=str(tmp_path / "a"), **options)
+    with pytest.raises(qwen2audio.InputError, match="another run.*lr: 0.0001 then, 0.001 now"):
+        finetune(out=str(tmp_path / "b"), **{**options, "lr": 1e-3, "resume": str(tmp_path / "a")})
+    with pytest.raises(qwen2audio.InputError, match="no checkpoint there"):
+        finetune(out=str(tmp_path / "b"), **{**options, "resume": str(tmp_path)})
