@@ -105,3 +105,28 @@ def test_resume_refuses_another_run(finetune_model, finetune_data, tmp_path):
         finetune(out=str(tmp_path / "b"), **{**options, "lr": 1e-3, "resume": str(tmp_path / "a")})
     with pytest.raises(qwen2audio.InputError, match="no checkpoint there"):
         finetune(out=str(tmp_path / "b"), **{**options, "resume": str(tmp_path)})
+
+
+def test_full_fine_tuning_with_frozen_parts(finetune_model, finetune_data, tmp_path):
+    summary = finetune(model=str(finetune_model), data=str(finetune_data), out=str(tmp_path / "out"), full=True,
+                       freeze=("encoder", "projector"), max_steps=2, batch_size=2, grad_accum=1, lr=1e-3,
+                       gradient_checkpointing=True, quiet=True)
+    assert set(summary["outputs"]) == {"training_args", "log", "model"}
+    base, tuned = load_file(finetune_model / "model.safetensors"), load_file(tmp_path / "out/model/model.safetensors")
+    assert base.keys() == tuned.keys()
+    for key in base:
+        frozen = key.startswith(("audio_tower.", "multi_modal_projector."))
+        assert torch.equal(base[key], tuned[key]) == frozen, key
+    pipe = qwen2audio.load(tmp_path / "out/model", quiet=True, kernels="reference")  # with the base's tokenizer
+    batch = inputs(pipe)
+    with torch.no_grad():
+        assert (load_hf(tmp_path / "out/model")(**batch).logits - pipe.model(**batch)).abs().max() < 1e-4
+
+
+def test_command_line_mistakes_are_one_line(capsys):
+    assert main(["finetune", "--model", "m", "--out", "o"]) == 2
+    assert "the following arguments are required: --data" in capsys.readouterr().err
+    assert main(["finetune", "--model", "m", "--data", "d", "--out", "o", "--lora-rank", "x"]) == 2
+    assert "--lora-rank: expected an integer, got 'x'" in capsys.readouterr().err
+    assert main(["finetune", "--model", "m", "--data", "d", "--out", "o", "--lora-rank", "0"]) == 1
+    assert "error: --lora-rank must be an integer >= 1, got 0" in capsys.readouterr().err

@@ -84,7 +84,8 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
 
 def options_from(args: argparse.Namespace) -> FinetuneOptions:
     """The options given on the command line; the rest keep FinetuneOptions' defaults."""
-    given = {name: getattr(args, name) for name in DEFAULTS if getattr(args, name, None) not in (None, False)}
+    given = {name: value for name in DEFAULTS
+             if (value := getattr(args, name, None)) is not None and value is not False}  # 0 is a value
     for name in ("lora_targets", "freeze"):
         if name in given:
             given[name] = tuple(given[name])
