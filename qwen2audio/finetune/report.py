@@ -67,5 +67,5 @@ def summary_text(summary: dict) -> str:
              f"{_duration(summary['seconds'])}", f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}"]
     if summary.get("eval_loss") is not None:
         parts.append(f"eval loss {summary['eval_loss']:.4f}")
-    parts.append(f"peak memory {summary['peak_memory_gb']:.2f} GB")
+    parts.append(f"peak memory {summary['peak_memory_gb']:.2f} GiB")
     return "; ".join(parts) + "\n" + "\n".join(f"  {k}: {v}" for k, v in summary["outputs"].items())

@@ -88,7 +88,8 @@ def _session(options: FinetuneOptions, ranks: Ranks, say) -> Session:
     plan.check(options.data)
     options = options.resolved(plan.total_steps)
     say(f"fine-tuning {folder} on {len(records)} examples of {options.data}: {plan.total_steps} steps of "
-        f"{plan.global_batch} examples ({ranks.world} process(es)), {'full' if options.full else 'LoRA'}\n"
+        f"{plan.global_batch} examples ({ranks.world} process(es) on {ranks.device.type}), "
+        f"{'full' if options.full else 'LoRA'}\n"
         f"{options.describe()}")
     model = prepare_model(options, folder, ranks)
     module = wrap(model, ranks, options.full)
