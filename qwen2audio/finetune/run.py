@@ -117,9 +117,11 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: the process's peak RSS
 
 
-def _finish(session: Session, start: float, first_step: int) -> dict:
+def _finish(session: Session, start: float, first_step: int, progress: Progress) -> dict:
     options, history = session.options, session.history
     eval_loss = evaluate(session) if session.eval_records else None
+    if eval_loss is not None:
+        progress.eval(session.plan.total_steps, eval_loss)
     outputs = write_outputs(session)
     steps = session.plan.total_steps - first_step
     return {"steps": steps, "examples": steps * session.plan.global_batch,
@@ -151,7 +153,7 @@ def finetune(options: FinetuneOptions | None = None, **kwargs) -> dict:
                              f"{session.plan.total_steps}: nothing is left to train")
         progress = Progress(out, session.plan.total_steps, first_step, ranks.is_main, options.quiet)
         train(session, first_step, progress)
-        summary = _finish(session, start, first_step)
+        summary = _finish(session, start, first_step, progress)
         if ranks.is_main:
             (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
             say(summary_text(summary))
