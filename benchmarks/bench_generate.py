@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=10.0, help="clip length")
-    parser.add_argument("--markdown", action="store_true", help="print the table ready to paste into README.md")
+    parser.add_argument("--markdown", action="store_true", help="print the table ready to paste into benchmarks/README.md")
     args = parser.parse_args()
     from transformers import Qwen2AudioForConditionalGeneration
 

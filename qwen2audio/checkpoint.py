@@ -208,7 +208,7 @@ _MAPPED_LOCK = threading.Lock()
 def map_file(path: Path) -> mmap.mmap:
     """The whole file mapped copy-on-write (load(mmap=True)): reads come from the page cache when first touched,
     writes stay in this process. The file must not shrink while mapped: reading a page past its new end is
-    SIGBUS; `mapped_files` and MappedFile.check tell whether it did (see the README's reliability section)."""
+    SIGBUS; `mapped_files` and MappedFile.check tell whether it did (see docs/reliability.md)."""
     try:
         with open_regular(path) as f:
             mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)

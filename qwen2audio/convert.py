@@ -37,7 +37,8 @@ from .errors import ConfigError, WeightsError
 from .folder_swap import check_replaceable, destination_lock, new_partial, put_in_place, recover, remove
 from .memory import size_text
 from .model import Qwen2AudioForConditionalGeneration
-from .quantize import Int8Linear, check_quantize, int8_module_names
+from .kernels.cpu import is_int8_layer
+from .quantize import check_quantize, int8_module_names
 from .shards import shard_overhead, write_json, write_shards
 from .weights import CHANGED_MARKER, INT8_QUANT_METHOD, meta_model, parse_dtype, swap_in_int8
 
@@ -188,7 +189,7 @@ def saved_config(model: Qwen2AudioForConditionalGeneration, config: str | Path |
                  allow_changed: bool) -> tuple[dict, Path | None]:
     """(the config.json to write for `model`, the folder its other files come from): derived from model.cfg, or
     taken from `config`'s folder; marked int8 or changed as the model is (see `save`)."""
-    quantized = any(isinstance(m, Int8Linear) for m in model.language_model.modules())
+    quantized = any(is_int8_layer(m) for m in model.language_model.modules())  # Int8Linear or the CPU's layer
     if quantized and int8_module_names(model):
         raise WeightsError(f"the model is partly int8 ({', '.join(int8_module_names(model)[:3])}... are not); "
                            "quantize all decoder linears with quantize_int8 or none")

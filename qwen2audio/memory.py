@@ -2,7 +2,7 @@
 machine has: a config of a huge vocabulary, width or depth fails at once with a sentence saying both, instead of
 an allocation that raises a foreign error, or one that succeeds lazily and gets the process killed later.
 
-The counts follow the modules of encoder.py and decoder.py (tests/test_hostile_memory.py checks them against the
+The counts follow the modules of encoder.py and decoder.py (tests/test_hostile_weights.py checks them against the
 model built on the meta device).
 """
 

@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -7,6 +8,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py
 
 from helpers import save_tiny_checkpoint  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N processes share the cores, one thread each
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"  # and the processes the tests start (the CLI, torchrun ranks, servers)
 
 
 @pytest.fixture

@@ -4,10 +4,18 @@
 // the CPU has the instructions of the family it calls (cpu_kernels.h), and splits the output rows over torch's
 // threads. Weights are used in place: never copied, never converted as a whole.
 
+// Only the ATen headers it uses (torch/extension.h alone took 31 s to compile here, these 5 s), and the functions
+// registered as torch operators (torch.ops.qwen2audio_cpu.*), so no Python binding code is compiled.
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <c10/core/InferenceMode.h>
+#include <torch/library.h>
 
 #include <cmath>
+#include <optional>
+#include <string>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -23,7 +31,7 @@ void check_cpu(bool avx512_vnni) {
               "qwen2audio CPU kernels: this CPU has no AVX-512 VNNI");
 }
 
-void check_weight(const torch::Tensor& x, const torch::Tensor& w) {
+void check_weight(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x (n, in) and weight (out, in) expected");
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && w.is_contiguous(), "contiguous CPU tensors expected");
 }
@@ -33,16 +41,16 @@ constexpr int64_t kRowsPerTask = 64;  // output rows per thread task: small enou
 }  // namespace
 
 // (n, in) rows times a bf16 / fp16 weight (out, in), plus bias: (n, out) fp32.
-torch::Tensor float_linear_avx2(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+at::Tensor float_linear_avx2(at::Tensor x, at::Tensor w, std::optional<at::Tensor> bias) {
   check_weight(x, w);
   check_cpu(false);
-  TORCH_CHECK(w.scalar_type() == torch::kBFloat16 || w.scalar_type() == torch::kHalf, "bf16 or fp16 weight expected");
-  const auto type = w.scalar_type() == torch::kHalf ? q2a::WeightType::fp16 : q2a::WeightType::bf16;
-  const auto xf = x.to(torch::kFloat32).contiguous();
-  const auto bf = bias ? bias->to(torch::kFloat32).contiguous() : torch::Tensor();
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf, "bf16 or fp16 weight expected");
+  const auto type = w.scalar_type() == at::kHalf ? q2a::WeightType::fp16 : q2a::WeightType::bf16;
+  const auto xf = x.to(at::kFloat).contiguous();
+  const auto bf = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   TORCH_CHECK(!bias || (bf.dim() == 1 && bf.size(0) == w.size(0)), "bias (out,) expected");
   const int64_t n = x.size(0), in = x.size(1), out = w.size(0);
-  auto y = torch::empty({n, out}, xf.options());
+  auto y = at::empty({n, out}, xf.options());
   const auto* W = reinterpret_cast<const uint16_t*>(w.data_ptr());
   const float* B = bias ? bf.data_ptr<float>() : nullptr;
   at::parallel_for(0, out, kRowsPerTask, [&](int64_t begin, int64_t end) {
@@ -54,16 +62,16 @@ torch::Tensor float_linear_avx2(torch::Tensor x, torch::Tensor w, c10::optional<
 // (n, in) rows times an int8 weight (out, in) with per-row scales: (n, out) in x's dtype. Each x row is rounded to
 // int16 with its own scale max|x| / 32767 first (an error of at most half that scale per element, far below the
 // int8 weights' own); the integer sums are exact. isa: "avx2" or "avx512_vnni" (the same results, bit for bit).
-torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scales, const std::string& isa) {
+at::Tensor int8_linear(at::Tensor x, at::Tensor w, at::Tensor scales, std::string isa) {
   check_weight(x, w);
   TORCH_CHECK(isa == "avx2" || isa == "avx512_vnni", "isa must be 'avx2' or 'avx512_vnni'");
   check_cpu(isa == "avx512_vnni");
-  TORCH_CHECK(w.scalar_type() == torch::kInt8, "int8 weight expected");
+  TORCH_CHECK(w.scalar_type() == at::kChar, "int8 weight expected");
   TORCH_CHECK(scales.dim() == 1 && scales.size(0) == w.size(0), "scales (out,) expected");
   const int64_t n = x.size(0), in = x.size(1), out = w.size(0);
   const int64_t stride = (in + q2a::kInt8RowPad - 1) / q2a::kInt8RowPad * q2a::kInt8RowPad;
 
-  const auto xf = x.to(torch::kFloat32).contiguous();
+  const auto xf = x.to(at::kFloat).contiguous();
   const float* X = xf.data_ptr<float>();
   std::vector<int16_t> xq(n * stride, 0);
   std::vector<float> sx(n, 0.f);
@@ -75,8 +83,8 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor scales
     for (int64_t k = 0; k < in; ++k)  // round half to even, as torch.round
       xq[r * stride + k] = static_cast<int16_t>(std::nearbyint(X[r * in + k] / sx[r]));
   }
-  const auto sf = scales.to(torch::kFloat32).contiguous();
-  auto y = torch::empty({n, out}, xf.options());
+  const auto sf = scales.to(at::kFloat).contiguous();
+  auto y = at::empty({n, out}, xf.options());
   const auto rows = isa == "avx2" ? q2a::int8_rows_avx2 : q2a::int8_rows_vnni;
   at::parallel_for(0, out, kRowsPerTask, [&](int64_t begin, int64_t end) {
     rows(xq.data(), sx.data(), n, stride, w.data_ptr<int8_t>(), sf.data_ptr<float>(), in, out, begin, end,
@@ -94,16 +102,16 @@ void widen_as(const void* src, void* dst, int64_t count) {
 }
 
 WidenFn widen_fn(c10::ScalarType from, c10::ScalarType to) {
-  if (to == torch::kFloat32 && from == torch::kBFloat16) return widen_as<uint16_t, float, q2a::widen_bf16_avx2>;
-  if (to == torch::kFloat32 && from == torch::kHalf) return widen_as<uint16_t, float, q2a::widen_fp16_avx2>;
-  if (to == torch::kFloat32 && from == torch::kChar) return widen_as<int8_t, float, q2a::widen_int8_avx2>;
-  if (to == torch::kBFloat16 && from == torch::kChar)
+  if (to == at::kFloat && from == at::kBFloat16) return widen_as<uint16_t, float, q2a::widen_bf16_avx2>;
+  if (to == at::kFloat && from == at::kHalf) return widen_as<uint16_t, float, q2a::widen_fp16_avx2>;
+  if (to == at::kFloat && from == at::kChar) return widen_as<int8_t, float, q2a::widen_int8_avx2>;
+  if (to == at::kBFloat16 && from == at::kChar)
     return widen_as<int8_t, uint16_t, q2a::widen_int8_to_bf16_avx2>;
   TORCH_CHECK(false, "widen: bf16 / fp16 / int8 -> fp32, or int8 -> bf16 expected, got ", from, " -> ", to);
 }
 
 // dst = src, exactly (same number of elements).
-void widen(torch::Tensor src, torch::Tensor dst) {
+void widen(at::Tensor src, at::Tensor dst) {
   TORCH_CHECK(src.is_contiguous() && dst.is_contiguous() && src.numel() == dst.numel() && src.device().is_cpu() &&
               dst.device().is_cpu(), "widen: contiguous CPU tensors of the same size expected");
   check_cpu(false);
@@ -117,18 +125,18 @@ void widen(torch::Tensor src, torch::Tensor dst) {
 // x (M, in) @ w.T for a weight stored narrower than x's dtype (fp32, or bf16 for int8 weights): each thread takes
 // blocks of `block_rows` weight rows, widens each into its own buffer (in its cache) and multiplies it there with
 // torch's single-threaded GEMM into its columns of y. One parallel region per product; no full-size copy.
-torch::Tensor widened_mm(torch::Tensor x, torch::Tensor w, int64_t block_rows) {
+at::Tensor widened_mm(at::Tensor x, at::Tensor w, int64_t block_rows) {
   check_weight(x, w);
   check_cpu(false);
   TORCH_CHECK(x.is_contiguous() && block_rows > 0, "widened_mm: contiguous x and block_rows > 0 expected");
   const WidenFn fn = widen_fn(w.scalar_type(), x.scalar_type());
   const int64_t out = w.size(0), in = w.size(1), n_blocks = (out + block_rows - 1) / block_rows;
-  auto y = torch::empty({x.size(0), out}, x.options());
+  auto y = at::empty({x.size(0), out}, x.options());
   const auto* W = static_cast<const char*>(w.data_ptr());
   const bool inference = c10::InferenceMode::is_enabled();  // thread-local: the workers take the caller's
   at::parallel_for(0, n_blocks, 1, [&](int64_t first, int64_t last) {
     c10::InferenceMode guard(inference);
-    auto buffer = torch::empty({block_rows, in}, x.options());
+    auto buffer = at::empty({block_rows, in}, x.options());
     for (int64_t b = first; b < last; ++b) {
       const int64_t start = b * block_rows, rows = std::min(block_rows, out - start);
       fn(W + start * in * w.element_size(), buffer.data_ptr(), rows * in);
@@ -139,9 +147,13 @@ torch::Tensor widened_mm(torch::Tensor x, torch::Tensor w, int64_t block_rows) {
   return y;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("float_linear_avx2", &float_linear_avx2, "x @ w.T + bias for a few fp32 rows and a bf16 / fp16 weight");
-  m.def("int8_linear", &int8_linear, "scales * (x @ w.T) for a few rows and an int8 weight (isa avx2 / avx512_vnni)");
-  m.def("widen", &widen, "dst = src, exactly: bf16 / fp16 / int8 -> fp32, int8 -> bf16");
-  m.def("widened_mm", &widened_mm, "x @ w.T for a narrower weight, widened block by block (per thread)");
+TORCH_LIBRARY(qwen2audio_cpu, m) {
+  // x @ w.T + bias for a few fp32 rows and a bf16 / fp16 weight
+  m.def("float_linear_avx2(Tensor x, Tensor w, Tensor? bias) -> Tensor", &float_linear_avx2);
+  // scales * (x @ w.T) for a few rows and an int8 weight (isa avx2 / avx512_vnni)
+  m.def("int8_linear(Tensor x, Tensor w, Tensor scales, str isa) -> Tensor", &int8_linear);
+  // dst = src, exactly: bf16 / fp16 / int8 -> fp32, int8 -> bf16
+  m.def("widen(Tensor src, Tensor(a!) dst) -> ()", &widen);
+  // x @ w.T for a narrower weight, widened block by block (per thread)
+  m.def("widened_mm(Tensor x, Tensor w, int block_rows) -> Tensor", &widened_mm);
 }

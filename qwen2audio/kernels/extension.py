@@ -1,6 +1,6 @@
 """The one C++ extension that holds every CPU kernel (cpu_ops.cpp, cpu_avx2.cpp, cpu_avx512.cpp), built on first use.
 
-torch.utils.cpp_extension.load compiles it once (~40 s; it needs a C++ compiler and ninja, `pip install ninja`) and
+torch.utils.cpp_extension.load compiles it once (~10 s; it needs a C++ compiler and ninja, `pip install ninja`) and
 caches it under TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions), so later processes only load it. Each
 function carries its own instruction-set target and checks the CPU before it runs, so no global -m flag is needed
 and one build serves every x86-64 CPU. Where it cannot be built, `cpu_extension()` returns None and warns once,
@@ -12,13 +12,14 @@ import platform
 import sys
 import warnings
 from pathlib import Path
-from types import ModuleType
+
+import torch
 
 log = logging.getLogger("qwen2audio")
 
 SOURCES = ("cpu_ops.cpp", "cpu_avx2.cpp", "cpu_avx512.cpp")
 _FLAGS = ["-O3", "-fopenmp"]  # -fopenmp: at::parallel_for runs on torch's OpenMP threads
-_built: ModuleType | str | None = None  # the module, or why there is none
+_built: object | str | None = None  # torch.ops.qwen2audio_cpu, or why there is none
 
 
 def unavailable_reason() -> str | None:
@@ -28,8 +29,9 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def cpu_extension(verbose: bool = False) -> ModuleType | None:
-    """The compiled module, or None (with one warning per process) where it cannot be built or used."""
+def cpu_extension(verbose: bool = False) -> object | None:
+    """The compiled operators (torch.ops.qwen2audio_cpu), or None (with one warning per process) where they cannot
+    be built or used."""
     global _built
     if _built is None:
         _built = unavailable_reason() or _build(verbose)
@@ -39,16 +41,17 @@ def cpu_extension(verbose: bool = False) -> ModuleType | None:
     return None if isinstance(_built, str) else _built
 
 
-def _build(verbose: bool) -> ModuleType | str:
+def _build(verbose: bool) -> object | str:
     try:
         from torch.utils.cpp_extension import load
 
         if verbose:  # a notice, as the progress bar: the first build takes a while
-            print("loading qwen2audio's CPU kernels (the first use builds them: ~40 s, once) ...", file=sys.stderr,
+            print("loading qwen2audio's CPU kernels (the first use builds them: ~10 s, once) ...", file=sys.stderr,
                   flush=True)
         folder = Path(__file__).parent
-        return load("qwen2audio_cpu_kernels", [str(folder / s) for s in SOURCES], extra_cflags=_FLAGS,
-                    extra_ldflags=["-fopenmp"], verbose=False)
+        load("qwen2audio_cpu_kernels", [str(folder / s) for s in SOURCES], extra_cflags=_FLAGS,
+             extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)  # registers torch.ops.qwen2audio_cpu
+        return torch.ops.qwen2audio_cpu
     except Exception as e:  # no compiler, no ninja, no headers: fall back, saying why
         last = (str(e).strip().splitlines() or [""])[-1]
         return (f"the extension could not be built ({type(e).__name__}: {last}); it needs a C++ compiler and ninja "
