@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from qwen2audio.finetune import finetune
 
-LORA = dict(max_steps=3, lr=1e-2, warmup_steps=1, lora_dropout=0.0)
+LORA = dict(max_steps=2, lr=1e-2, warmup_steps=1, lora_dropout=0.0)
 FULL = dict(max_steps=2, lr=1e-3, warmup_steps=1, full=True)
 
 

@@ -6,11 +6,12 @@ import json
 
 import pytest
 import torch
-from helpers import load_hf, test_signal
+from helpers import audio_prompt_ids, load_hf, test_signal
 from safetensors.torch import load_file
 
 import qwen2audio
 from qwen2audio.adapters import load_adapter
+from qwen2audio.features import audio_token_count, extract_features
 from qwen2audio.cli import main
 from qwen2audio.finetune import finetune
 from qwen2audio.finetune import state as checkpoint_state
@@ -18,11 +19,11 @@ from qwen2audio.finetune import state as checkpoint_state
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def inputs(pipe):
-    conversation = [{"role": "user", "content": [{"type": "audio", "audio": test_signal(0.6, seed=5)},
-                                                 {"type": "text", "text": "What's that sound?"}]}]
-    return pipe.inputs(qwen2audio.apply_chat_template(conversation, add_generation_prompt=True),
-                       [test_signal(0.6, seed=5)])
+def inputs() -> dict[str, torch.Tensor]:
+    """A prompt around one clip, built by hand (no tokenizer to load): ids, features and their mask."""
+    features, mask = extract_features([test_signal(0.6, seed=5)])
+    ids = audio_prompt_ids([audio_token_count(int(mask.sum()))], [[151644, 872, 198], [3838, 594, 30, 151645]])
+    return dict(input_ids=torch.tensor([ids]), input_features=features, feature_attention_mask=mask)
 
 
 def logits(model, batch) -> torch.Tensor:
@@ -33,38 +34,36 @@ def logits(model, batch) -> torch.Tensor:
 def test_lora_run_learns_and_its_outputs_load(finetune_model, finetune_data, tmp_path, capsys):
     out = tmp_path / "out"
     status = main(["finetune", "--model", str(finetune_model), "--data", str(finetune_data), "--out", str(out),
-                   "--max-steps", "30", "--batch-size", "2", "--grad-accum", "1", "--lr", "1e-2", "--merge",
-                   "--eval", str(finetune_data), "--eval-every", "15"])
+                   "--max-steps", "24", "--batch-size", "2", "--grad-accum", "1", "--lr", "1e-2", "--merge",
+                   "--eval", str(finetune_data), "--eval-every", "12"])
     assert status == 0
     err = capsys.readouterr().err
     assert "--lora-rank                8" in err and "--warmup-steps             0" in err  # the defaults, shown
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     steps = [r for r in log if "loss" in r]
-    assert [r["step"] for r in steps] == list(range(1, 31)) and all(r["lr"] > 0 for r in steps)
-    assert [r["step"] for r in log if "eval_loss" in r] == [15, 30]  # every 15 steps, and at the end
+    assert [r["step"] for r in steps] == list(range(1, 25)) and all(r["lr"] > 0 for r in steps)
+    assert [r["step"] for r in log if "eval_loss" in r] == [12, 24]  # every 12 steps, and at the end
     losses = [r["loss"] for r in steps]
     # The random tiny model's lm_head (std 0.02, width 64) keeps every logit near +-1.3, so LoRA on the decoder
     # alone cannot take the loss (log 151936 = 11.9) below ~10.6 (see test_learning.py): 0.5 is most of that room.
     assert sum(losses[-5:]) / 5 < losses[0] - 0.5, losses
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["eval_loss"] < losses[0] - 0.5 and summary["steps"] == 30
+    assert summary["eval_loss"] < losses[0] - 0.5 and summary["steps"] == 24
     assert json.loads((out / "training_args.json").read_text())["lora_rank"] == 8
 
-    base = qwen2audio.load(finetune_model, quiet=True, kernels="reference")
-    tuned = qwen2audio.load(finetune_model, adapter=out / "adapter", quiet=True, kernels="reference")
-    batch = inputs(base)
+    batch = inputs()
     unmerged = qwen2audio.load_model(finetune_model, quiet=True)
+    base = logits(unmerged, batch)
     assert len(load_adapter(unmerged, out / "adapter")) == 2 * 7  # q k v o gate up down, 2 decoder layers
-    adapted = logits(tuned.model, batch)  # merged into the weights by load(adapter=)
-    assert (adapted - logits(unmerged, batch)).abs().max() < 1e-5
-    assert (adapted - logits(base.model, batch)).abs().max() > 1e-2  # the adapter changed the model
-    hf = load_hf(out / "merged")
+    adapted = logits(unmerged, batch)
+    assert (adapted - base).abs().max() > 1e-2  # the adapter changed the model
+    tuned = qwen2audio.load(finetune_model, adapter=out / "adapter", quiet=True, kernels="reference")
+    assert (logits(tuned.model, batch) - adapted).abs().max() < 1e-5  # merged into the weights by load(adapter=)
     with torch.no_grad():
-        theirs = hf(**batch).logits
-    assert (theirs - adapted).abs().max() < 1e-4
-    assert (logits(qwen2audio.load_model(out / "merged", quiet=True), batch) - adapted).abs().max() < 1e-4
-    assert main(["chat", "--model", str(out / "merged"), "--prompt", "Hi", "--max-new-tokens", "2", "--quiet",
-                 "--kernels", "reference"]) == 0
+        assert (load_hf(out / "merged")(**batch).logits - adapted).abs().max() < 1e-4
+    merged = qwen2audio.load(out / "merged", quiet=True, kernels="reference")  # what `chat --model` loads
+    assert (logits(merged.model, batch) - adapted).abs().max() < 1e-4
+    assert isinstance(merged.chat([{"role": "user", "content": "Hi"}], max_new_tokens=2), str)
 
 
 def test_resume_after_a_checkpoint_ends_as_the_uninterrupted_run(finetune_model, finetune_data, tmp_path,
@@ -117,10 +116,10 @@ def test_full_fine_tuning_with_frozen_parts(finetune_model, finetune_data, tmp_p
     for key in base:
         frozen = key.startswith(("audio_tower.", "multi_modal_projector."))
         assert torch.equal(base[key], tuned[key]) == frozen, key
-    pipe = qwen2audio.load(tmp_path / "out/model", quiet=True, kernels="reference")  # with the base's tokenizer
-    batch = inputs(pipe)
+    batch = inputs()
+    ours = logits(qwen2audio.load_model(tmp_path / "out/model", quiet=True), batch)
     with torch.no_grad():
-        assert (load_hf(tmp_path / "out/model")(**batch).logits - pipe.model(**batch)).abs().max() < 1e-4
+        assert (load_hf(tmp_path / "out/model")(**batch).logits - ours).abs().max() < 1e-4
 
 
 def test_command_line_mistakes_are_one_line(capsys):

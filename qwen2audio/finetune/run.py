@@ -56,7 +56,10 @@ def _tokenizer(folder: Path, stamp: tuple) -> Tokenizer:
 
 
 def tokenizer_of(folder: Path) -> Tokenizer:
-    stamp = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(folder.glob("*.json")))
+    files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+             "added_tokens.json")
+    stamp = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in map(folder.joinpath, files)
+                  if p.is_file())
     return _tokenizer(folder, stamp)
 
 
