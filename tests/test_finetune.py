@@ -129,3 +129,14 @@ def test_command_line_mistakes_are_one_line(capsys):
     assert "--lora-rank: expected an integer, got 'x'" in capsys.readouterr().err
     assert main(["finetune", "--model", "m", "--data", "d", "--out", "o", "--lora-rank", "0"]) == 1
     assert "error: --lora-rank must be an integer >= 1, got 0" in capsys.readouterr().err
+
+
+def test_accumulated_micro_batches_equal_one_batch(finetune_model, finetune_data, tmp_path):
+    # The step's loss is the mean over all its answer tokens, however they fall into micro-batches (loop.py):
+    # batch 1 x 2 accumulated equals batch 2 (the rows hold different numbers of answer tokens: 3 to 7).
+    options = dict(model=str(finetune_model), data=str(finetune_data), max_steps=2, lr=1e-2, quiet=True)
+    one = finetune(out=str(tmp_path / "one"), batch_size=2, grad_accum=1, **options)
+    two = finetune(out=str(tmp_path / "two"), batch_size=1, grad_accum=2, **options)
+    assert max(abs(a - b) for a, b in zip(one["losses"], two["losses"])) < 1e-5
+    ours, theirs = (load_file(tmp_path / run / "adapter" / "adapter_model.safetensors") for run in ("one", "two"))
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) < 1e-5

@@ -41,7 +41,7 @@ def _data_options(parser: argparse.ArgumentParser) -> None:
 def _method_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("what trains (default: LoRA r 8, alpha 16, on the decoder's attention and MLP)")
     g.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA (FSDP2 under torchrun)")
-    g.add_argument("--lora-rank", type=_number(int), metavar="R")
+    g.add_argument("--lora-rank", type=_number(int), metavar="R", help="default 8")
     g.add_argument("--lora-alpha", type=_number(float), metavar="A", help="default: twice the rank")
     g.add_argument("--lora-dropout", type=_number(float), metavar="P", help="default 0")
     g.add_argument("--lora-targets", nargs="+", choices=LORA_TARGETS, metavar="PART",
