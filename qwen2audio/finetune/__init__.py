@@ -6,6 +6,13 @@ distributed.py (torchrun: DDP for LoRA, FSDP2 for full fine-tuning), outputs.py,
 """
 
 from .options import FinetuneOptions
-from .run import finetune
 
 __all__ = ["FinetuneOptions", "finetune"]
+
+
+def finetune(options: FinetuneOptions | None = None, **kwargs) -> dict:
+    """Fine-tune as `qwen2audio finetune` does; see run.finetune. (Imported when called: building the command's
+    parser, which imports this package for its options, then stays quick.)"""
+    from .run import finetune as run
+
+    return run(options, **kwargs)
