@@ -150,6 +150,7 @@ def ours_generate(pipe, inputs: dict[str, torch.Tensor], new_tokens: int,
         sync(inputs["input_ids"].device)
         start = time.perf_counter()
         options = pipe.options(max_new_tokens=new_tokens, do_sample=False, repetition_penalty=1.0, ignore_eos=True)
+        pipe.forget_prefixes()  # the runs repeat one prompt: each must prefill it whole, as transformers does
         for token, _ in pipe.generate_stream(**inputs, options=options):
             sync(token.device)
             stamps.append(time.perf_counter())

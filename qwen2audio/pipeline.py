@@ -141,6 +141,12 @@ class Qwen2Audio:
         with self._lock:  # keep the last few, so a chat does not allocate its cache again every turn
             self._idle = [(cache, prefix)] + self._idle[:IDLE_CACHES - 1]
 
+    def forget_prefixes(self) -> None:
+        """Keep the idle caches' memory but not what they hold: the next generation prefills its whole prompt
+        (benchmarks timing a prompt they repeat; a conversation that must not reuse an earlier one's work)."""
+        with self._lock:
+            self._idle = [(cache, None) for cache, _ in self._idle]
+
     def generate_stream(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                         input_features: Tensor | None = None, feature_attention_mask: Tensor | None = None,
                         options: GenerationOptions | None = None) -> Iterator[tuple[Tensor, Tensor]]:

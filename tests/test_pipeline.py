@@ -177,6 +177,9 @@ def test_a_second_turn_prefills_only_its_new_tokens(folder):
     assert pipe.chat(other, **greedy) == fresh.chat(other, **greedy)
     assert pipe.last_stats["cached_tokens"] == audio_start  # the system prompt and "Audio 1: <|audio_bos|>" only
 
+    pipe.forget_prefixes()  # the same conversation again prefills all of it
+    assert pipe.chat(other, **greedy) == fresh.chat(other, **greedy) and pipe.last_stats["cached_tokens"] == 0
+
 
 def apply_chat_template_text(pipe, conversation) -> str:
     return pipe.processor.apply_chat_template(conversation, add_generation_prompt=True)
