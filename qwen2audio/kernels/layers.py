@@ -62,17 +62,17 @@ class KernelLinear(KernelLayer, nn.Linear):
 
 class StreamingLinear(KernelLinear):
     """rows: the few-row product, "torch" (addmv / addmm) or "avx2" (bf16 / fp16 weights widened in registers,
-    fp32 sums, the result in x's dtype)."""
+    fp32 sums, the result in x's dtype), for at most max_rows rows; more rows go to F.linear."""
 
     @classmethod
-    def from_module(cls, linear: nn.Linear, rows: str = "torch") -> "StreamingLinear":
+    def from_module(cls, linear: nn.Linear, rows: str = "torch", max_rows: int = MAX_SKINNY_ROWS) -> "StreamingLinear":
         layer = super().from_module(linear)
-        layer.rows = rows
+        layer.rows, layer.max_rows = rows, max_rows
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
         n_rows = x.numel() // self.in_features
-        if needs_grad(x, self.weight, self.bias) or not 0 < n_rows <= MAX_SKINNY_ROWS or x.device.type != "cpu":
+        if needs_grad(x, self.weight, self.bias) or not 0 < n_rows <= self.max_rows or x.device.type != "cpu":
             return F.linear(x, self.weight, self.bias)
         rows = x.reshape(n_rows, self.in_features)
         if self.rows == "avx2":
@@ -82,7 +82,7 @@ class StreamingLinear(KernelLinear):
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, rows={self.rows}"
+        return f"{super().extra_repr()}, rows={self.rows}, max_rows={self.max_rows}"
 
 
 class Fp32Linear(KernelLinear):
