@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .data import BadItem, Item, decode_audio, read_items, resolve_decoder
-from .distributed import Ranks, barrier, broadcast, gather, setup, shard, teardown
+from ..ranks import Ranks, barrier, broadcast, gather, setup, shard, teardown
 from .errors import EvalError
 from .results import append_rows, format_table, part_path, previous_results, write_results, write_summary
 from .tasks import Task, asr_language, get_task

@@ -26,7 +26,8 @@ from ..model import counted_targets
 from ..tokenizer import Tokenizer
 from .batches import Plan, eval_batches
 from .data import Record, build_example
-from .distributed import Ranks, sum_over_ranks
+from ..ranks import Ranks
+from .distributed import sum_over_ranks
 from .options import FinetuneOptions
 from .report import Progress
 from .state import save_checkpoint

@@ -25,7 +25,8 @@ from ..config import Qwen2AudioConfig
 from ..tokenizer import Tokenizer
 from .batches import Plan
 from .data import Record, check_lines, judge, read_lines
-from .distributed import Ranks, barrier, gather, setup, shard, teardown, wrap
+from ..ranks import Ranks, barrier, gather, shard, teardown
+from .distributed import start_ranks, wrap
 from .loop import Session, evaluate, train
 from .options import FinetuneOptions
 from .outputs import write_outputs
@@ -141,7 +142,7 @@ def finetune(options: FinetuneOptions | None = None, **kwargs) -> dict:
     (also written to OUT/summary.json): steps, tokens, seconds, first and last loss, eval loss, peak memory, the
     per-step losses and the output folders."""
     options = dataclasses.replace(options, **kwargs) if options else FinetuneOptions(**kwargs)
-    ranks = setup(options.device)
+    ranks = start_ranks(options.device)
     try:
         out = Path(options.out)
         if ranks.is_main:

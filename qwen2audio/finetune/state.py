@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from ..errors import InputError
-from .distributed import Ranks, broadcast, gather
+from ..ranks import Ranks, broadcast, gather
 
 FORMAT = 1
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)

@@ -1,8 +1,9 @@
-"""Sharding over torch.distributed ranks, as the official launcher does (`torchrun --nproc_per_node N`).
+"""The ranks of a run under torchrun (`torchrun --nproc_per_node N`), shared by `qwen2audio eval` and
+`qwen2audio finetune`: the process group, each rank's slice of the items, and objects passed between ranks.
 
 Under torchrun (WORLD_SIZE > 1) the process group is started here: gloo on CPU, nccl on CUDA with one GPU per
 rank (LOCAL_RANK). Each rank takes one contiguous slice of the items, the first `n % world` ranks one item more
-(the official InferenceSampler), so with the same batch size every batch holds the same items as theirs.
+(the official evaluation's InferenceSampler), so with the same batch size every batch holds the same items as theirs.
 """
 
 import os
@@ -16,7 +17,7 @@ import torch.distributed as dist
 class Ranks:
     rank: int
     world: int
-    device: str
+    device: torch.device
     started_group: bool  # whether `setup` started the process group (and `teardown` ends it)
 
     @property
@@ -28,7 +29,7 @@ def setup(device: str) -> Ranks:
     """The ranks of this run; device "cuda" becomes this rank's GPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 and not dist.is_initialized():
-        return Ranks(0, 1, device, False)
+        return Ranks(0, 1, torch.device(device), False)
     if device.startswith("cuda"):
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
@@ -36,7 +37,7 @@ def setup(device: str) -> Ranks:
     started = not dist.is_initialized()
     if started:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return Ranks(dist.get_rank(), dist.get_world_size(), device, started)
+    return Ranks(dist.get_rank(), dist.get_world_size(), torch.device(device), started)
 
 
 def teardown(ranks: Ranks) -> None:
