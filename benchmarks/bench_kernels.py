@@ -10,13 +10,12 @@ bound by arithmetic: GFLOP/s. Each figure is the best of --repeat runs (noise on
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, print_table  # noqa: E402
+from common import best_time, copy_bandwidth_gbs, machine, print_table  # noqa: E402
 
 from qwen2audio.kernels.cpu import cpu_features  # noqa: E402
 from qwen2audio.kernels.extension import cpu_extension  # noqa: E402
@@ -26,19 +25,8 @@ OUT, IN, PROMPT = 11008, 4096, 283
 
 
 def best(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def copy_bandwidth(repeat: int) -> float:
-    src = torch.ones(2**30, dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / best(lambda: dst.copy_(src), repeat) / 1e9
+    """The shortest of `repeat` timed calls after one warm-up call."""
+    return best_time(fn, repeat, warmup=1, reduce=min)
 
 
 def decode_rows(repeat: int, copy_gbs: float) -> list[list[str]]:
@@ -92,7 +80,7 @@ def main() -> None:
     args = parser.parse_args()
     if cpu_extension() is None:
         sys.exit("the CPU kernels could not be built here (see the warning): nothing to measure")
-    copy_gbs = copy_bandwidth(args.repeat)
+    copy_gbs = copy_bandwidth_gbs(repeat=args.repeat)
     print(f"{machine()}; copy bandwidth {copy_gbs:.1f} GB/s (read + write)")
     print_table(f"Decoding: rows x ({OUT}, {IN}) weight", ["rows", "product", "ms", "GB/s of weights",
                                                            "% of copy", "G weights/s"],

@@ -50,9 +50,11 @@ def signal(seconds: float, seed: int = 0) -> np.ndarray:
     return (0.3 * np.sin(2 * np.pi * 330 * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
 
 
-def best_time(fn: Callable[[], object], repeat: int = 3, warmup: int = 3) -> float:
-    """Median wall time of `repeat` calls after `warmup` calls, in seconds. oneDNN settles its kernels for a new
-    shape over the first calls (the first of ours at 30 s took 0.66 s, the fourth 0.37 s), hence 3 warm-up calls."""
+def best_time(fn: Callable[[], object], repeat: int = 3, warmup: int = 3,
+              reduce: Callable[[list[float]], float] = statistics.median) -> float:
+    """The median (or `reduce`, e.g. min) wall time of `repeat` calls after `warmup` calls, in seconds. oneDNN
+    settles its kernels for a new shape over the first calls (the first of ours at 30 s took 0.66 s, the fourth
+    0.37 s), hence 3 warm-up calls by default."""
     for _ in range(warmup):
         fn()
     times = []
@@ -60,7 +62,15 @@ def best_time(fn: Callable[[], object], repeat: int = 3, warmup: int = 3) -> flo
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return reduce(times)
+
+
+def copy_bandwidth_gbs(device: str = "cpu", size: int = 2**30, repeat: int = 5) -> float:
+    """Best (read + write) bytes per second of a large tensor copy: the memory system's practical limit."""
+    src = torch.ones(size, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    seconds = best_time(lambda: (dst.copy_(src), sync(device)), repeat, warmup=1, reduce=min)  # warm-up: the pages
+    return 2 * size / seconds / 1e9
 
 
 def machine() -> str:

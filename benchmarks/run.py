@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import build_checkpoint, machine  # noqa: E402
+from common import build_checkpoint, copy_bandwidth_gbs, machine  # noqa: E402
 from report import (cpu_targets, frontend_table, generation_table, gpu_targets, load_table,  # noqa: E402
                     work_table)
 from worker import VARIANTS  # noqa: E402
@@ -44,21 +44,6 @@ BENCH_DIR = Path("/tmp/q2a-bench")
 CPU_VARIANTS = ["hf-bf16", "hf-fp32", "bf16", "avx2", "compile", "int8", "int8-avx2", "mmap"]
 CUDA_VARIANTS = ["hf-bf16", "bf16", "compile", "int8-compile"]
 FRONTEND = {"hf-bf16", "hf-fp32", "bf16", "avx2"}
-
-
-def copy_bandwidth_gbs(device: str, size: int = 2**30, repeat: int = 5) -> float:
-    """Best (read + write) bytes per second of a large tensor copy: the memory system's practical limit."""
-    src = torch.ones(size, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # touch every page first
-    best = float("inf")
-    for _ in range(repeat):
-        torch.cuda.synchronize() if device == "cuda" else None
-        start = time.perf_counter()
-        dst.copy_(src)
-        torch.cuda.synchronize() if device == "cuda" else None
-        best = min(best, time.perf_counter() - start)
-    return 2 * size / best / 1e9
 
 
 def spawn(key: str, folder: Path, out: Path, args: argparse.Namespace) -> dict | None:
