@@ -25,6 +25,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def module_on_one_thread():
+    """A whole test module on one torch thread (`pytestmark = pytest.mark.usefixtures("module_on_one_thread")`):
+    for modules whose tests compare a server or a subprocess with the pipeline, so that both sides sum their floats
+    in the same order, and a tiny model runs fastest on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A random fp32 tiny Qwen2-Audio saved by transformers (single safetensors file)."""

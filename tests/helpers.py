@@ -49,15 +49,23 @@ def test_signal(seconds: float, seed: int = 0, sr: int = 16000) -> np.ndarray:
     return x.astype(np.float32)
 
 
-def write_wav(path: Path | str, samples: np.ndarray, rate: int = 16000) -> Path:
-    """A mono 16-bit PCM WAV of float samples in [-1, 1] (clipped), written with the stdlib `wave` module."""
+def wav_bytes(samples: np.ndarray, rate: int = 16000) -> bytes:
+    """A mono 16-bit PCM WAV of float samples in [-1, 1] (clipped), made with the stdlib `wave` module."""
+    import io
     import wave
 
-    with wave.open(str(path), "wb") as w:
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
         w.setframerate(rate)
         w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+    return buffer.getvalue()
+
+
+def write_wav(path: Path | str, samples: np.ndarray, rate: int = 16000) -> Path:
+    """`wav_bytes` written to `path`."""
+    Path(path).write_bytes(wav_bytes(samples, rate))
     return Path(path)
 
 
@@ -95,3 +103,17 @@ def left_pad(rows: list[list[int]], pad_id: int = 151643) -> tuple[torch.Tensor,
 
 
 test_signal.__test__ = False  # a fixture maker, not a test
+
+
+def two_conversations(text_seed: int = 0) -> dict[str, torch.Tensor]:
+    """Model inputs for two conversations with audio, left-padded: row 0 one 1 s clip, row 1 two clips (2 s and
+    3 s), between random text ids drawn with `text_seed`."""
+    from qwen2audio.features import audio_token_count, extract_features
+
+    feats, mask = extract_features([test_signal(1.0, seed=0), test_signal(2.0, seed=1), test_signal(3.0, seed=2)])
+    counts = [audio_token_count(int(m)) for m in mask.sum(-1)]
+    g = torch.Generator().manual_seed(text_seed)
+    text = lambda n: torch.randint(0, 151000, (n,), generator=g).tolist()  # noqa: E731
+    ids, attention_mask = left_pad([audio_prompt_ids(counts[:1], [text(5), text(12)]),
+                                    audio_prompt_ids(counts[1:], [text(7), text(3), text(9)])])
+    return dict(input_ids=ids, attention_mask=attention_mask, input_features=feats, feature_attention_mask=mask)

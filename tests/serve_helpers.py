@@ -2,15 +2,9 @@
 
 import base64
 import http.client
-import io
 import json
-import shutil
-import wave
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
-from tokenizer_fixture import shared_tokenizer_folder
 
 from qwen2audio.audio import AudioPolicy
 from qwen2audio.serve.app import ServerConfig, build_app
@@ -19,24 +13,6 @@ from qwen2audio.serve.prompts import Limits
 from qwen2audio.serve.scheduler import Scheduler
 
 NAME, KEY = "tiny-audio", "sekret"
-
-
-def model_folder(checkpoint: Path, target: Path) -> Path:
-    """The tiny checkpoint's files and the shared tokenizer files in one folder."""
-    target.mkdir()
-    for source in [*checkpoint.iterdir(), *shared_tokenizer_folder().iterdir()]:
-        shutil.copyfile(source, target / source.name)
-    return target
-
-
-def wav_bytes(samples: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
-    return buffer.getvalue()
 
 
 def b64(data: bytes) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import test_signal, write_wav
-from tokenizer_fixture import shared_tokenizer_folder
+from tokenizer_fixture import model_folder
 
 import qwen2audio
 from qwen2audio import cli
@@ -28,32 +28,14 @@ API_GREEDY = dict(do_sample=False, max_new_tokens=8)
 
 
 
-def model_folder_from(checkpoint: Path, target: Path) -> Path:
-    """A complete model folder: the tiny checkpoint's files and the shared tokenizer files, linked (or copied)."""
-    target.mkdir()
-    for source in [*checkpoint.iterdir(), *shared_tokenizer_folder().iterdir()]:
-        try:
-            (target / source.name).symlink_to(source)
-        except OSError:  # no symlinks on this file system
-            shutil.copyfile(source, target / source.name)
-    return target
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread here and in the subprocesses: a tiny model runs fastest so on a busy machine, and both
-    sides of each comparison then sum their floats in the same order."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("module_on_one_thread")
 
 
 @pytest.fixture(scope="module")
 def work(tiny_checkpoint, tmp_path_factory) -> Path:
     """A folder holding `model/`, `a.wav` (1.5 s) and `b.wav` (0.7 s); the subprocesses run in it."""
     root = tmp_path_factory.mktemp("cli")
-    model_folder_from(tiny_checkpoint, root / "model")
+    model_folder(tiny_checkpoint, root / "model")
     write_wav(root / "a.wav", test_signal(1.5))
     write_wav(root / "b.wav", test_signal(0.7, seed=1))
     return root

@@ -3,24 +3,18 @@ attention's output_attentions (fp32, random tiny checkpoints, left-padded batch 
 
 import pytest
 import torch
-from helpers import audio_prompt_ids, left_pad, test_signal
+from helpers import two_conversations
 
 import qwen2audio
 from qwen2audio.errors import InputError
-from qwen2audio.features import audio_token_count, encoder_lengths, extract_features
+from qwen2audio.features import encoder_lengths
 from qwen2audio.inspection import capture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batch():
-    feats, mask = extract_features([test_signal(1.0, seed=0), test_signal(2.0, seed=1), test_signal(3.0, seed=2)])
-    counts = [audio_token_count(int(m)) for m in mask.sum(-1)]
-    g = torch.Generator().manual_seed(3)
-    text = lambda n: torch.randint(0, 151000, (n,), generator=g).tolist()  # noqa: E731
-    ids, attention_mask = left_pad([audio_prompt_ids(counts[:1], [text(5), text(12)]),
-                                    audio_prompt_ids(counts[1:], [text(7), text(3), text(9)])])
-    return dict(input_ids=ids, attention_mask=attention_mask, input_features=feats, feature_attention_mask=mask)
+    return two_conversations(text_seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -11,22 +11,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-import torch
-from helpers import test_signal
-from serve_helpers import KEY, NAME, b64, model_folder, request, start, wav_bytes
+from helpers import test_signal, wav_bytes
+from serve_helpers import KEY, NAME, b64, request, start
+from tokenizer_fixture import model_folder
 
 import qwen2audio
 from qwen2audio.chat_template import apply_chat_template, base_prompt
 from qwen2audio.serve.schema import ASR_PROMPT
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: a tiny model runs fastest so on a busy machine, and both sides sum in the same order."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("module_on_one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,9 @@ import time
 
 import pytest
 import torch
-from helpers import test_signal
-from serve_helpers import KEY, NAME, assert_error, b64, model_folder, multipart, request, start, wav_bytes
+from helpers import test_signal, wav_bytes
+from serve_helpers import KEY, NAME, assert_error, b64, multipart, request, start
+from tokenizer_fixture import model_folder
 
 import qwen2audio
 

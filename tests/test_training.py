@@ -3,11 +3,10 @@ gradient checkpointing against no checkpointing (fp32, random tiny checkpoint)."
 
 import pytest
 import torch
-from helpers import AUDIO_TOKEN, audio_prompt_ids, left_pad, load_hf, test_signal
+from helpers import AUDIO_TOKEN, load_hf, two_conversations
 
 import qwen2audio
 from qwen2audio.errors import InputError
-from qwen2audio.features import audio_token_count, extract_features
 from qwen2audio.model import IGNORE_INDEX, lm_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -25,15 +24,11 @@ def hf_name(name: str) -> str:
 def padded_batch():
     """Two conversations with audio, left-padded: row 0 one 1 s clip, row 1 two clips (2 s and 3 s). Labels count
     the text after the audio (a stand-in for the answers), not the audio, the padding or the first 6 tokens."""
-    feats, mask = extract_features([test_signal(1.0, seed=0), test_signal(2.0, seed=1), test_signal(3.0, seed=2)])
-    counts = [audio_token_count(int(m)) for m in mask.sum(-1)]
-    g = torch.Generator().manual_seed(0)
-    text = lambda n: torch.randint(0, 151000, (n,), generator=g).tolist()  # noqa: E731
-    ids, attention_mask = left_pad([audio_prompt_ids(counts[:1], [text(5), text(12)]),
-                                    audio_prompt_ids(counts[1:], [text(7), text(3), text(9)])])
+    inputs = two_conversations(text_seed=0)
+    ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
     labels = ids.masked_fill((ids == AUDIO_TOKEN) | (attention_mask == 0), IGNORE_INDEX)
     labels[:, :6] = IGNORE_INDEX
-    return dict(input_ids=ids, attention_mask=attention_mask, input_features=feats, feature_attention_mask=mask), labels
+    return inputs, labels
 
 
 def first_real_tokens(attention_mask):

@@ -23,7 +23,8 @@ from helpers import test_signal, write_wav
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
-from serve_helpers import KEY, NAME, model_folder, request
+from serve_helpers import KEY, NAME, request
+from tokenizer_fixture import model_folder
 
 import qwen2audio
 from qwen2audio.audio import AudioPolicy
@@ -51,13 +52,7 @@ class RecordingScheduler(Scheduler):
         super().submit(job)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: a tiny model runs fastest so on a busy machine, and both sides sum in the same order."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("module_on_one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -114,3 +114,11 @@ def hf_processor(folder: Path):
     processor = Qwen2AudioProcessor.from_pretrained(str(folder))
     processor.tokenizer.padding_side = "left"
     return processor
+
+
+def model_folder(checkpoint: Path, target: Path) -> Path:
+    """A complete model folder: the tiny checkpoint's files and the shared tokenizer files, copied into `target`."""
+    target.mkdir()
+    for source in [*checkpoint.iterdir(), *shared_tokenizer_folder().iterdir()]:
+        shutil.copyfile(source, target / source.name)
+    return target
