@@ -50,6 +50,6 @@ class KVCache:
             new[:, :, :keep] = old[:, :, :keep]
         return bigger
 
-    def layer(self, index: int) -> tuple[Tensor, Tensor]:
-        """(keys, values) of one decoder layer, which its attention writes in place."""
-        return self.keys[index], self.values[index]
+    def layer(self, index: int, stop: int | None = None) -> tuple[Tensor, Tensor]:
+        """(keys, values) of one decoder layer, which its attention writes in place: slots :stop (views), or all."""
+        return self.keys[index][:, :, :stop], self.values[index][:, :, :stop]

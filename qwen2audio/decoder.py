@@ -13,6 +13,7 @@ from .attention import attend, attention_probs
 from .cache import KVCache
 from .config import TextConfig
 from .kernels import apply_rope, rms_norm, rope_cos_sin, silu_mul
+from .kernels.products import MAX_SKINNY_ROWS, cached_attention
 
 
 class RMSNorm(nn.Module):
@@ -34,6 +35,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
         self.eager = False  # True: explicit softmax (attention.py), probabilities passed through self.probs
+        self.cpu_kernel = False  # True (set by kernels.cpu.prepare_for_cpu): few cached query rows in the C++ kernel
         self.probs = nn.Identity()  # a hook point: forward hooks on it see (B, heads, T, S) when eager
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
@@ -51,11 +53,17 @@ class Attention(nn.Module):
         if self.eager:  # the reference's eager attention: softmax in fp32, cast back to the activation dtype
             probs = attention_probs(q, k, mask, self.head_dim ** -0.5, mask is None and T > 1, torch.float32)
             out = attend(self.probs(probs), v)
+        elif self.cpu_kernel and kv is not None and T <= MAX_SKINNY_ROWS and not torch.is_grad_enabled() and \
+                not torch.compiler.is_compiling():
+            out = cached_attention(q, k, v, mask, self.head_dim ** -0.5)  # fp32 inside, in q's dtype
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                                  scale=self.head_dim ** -0.5,
                                                  enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def extra_repr(self) -> str:
+        return "cpu_kernel=True" if self.cpu_kernel else ""
 
 
 class MLP(nn.Module):
@@ -98,8 +106,12 @@ class Qwen2Model(nn.Module):
         with a cache, input_pos (B, T) are the cache slots each row writes its T new tokens to."""
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)  # fp32 (B, T, head_dim)
         cos, sin = cos.to(x.dtype)[:, None], sin.to(x.dtype)[:, None]  # (B, 1, T, head_dim), activation dtype
+        stop = None  # attend over the slots written so far, not the whole cache (compiled code keeps fixed shapes)
+        if cache is not None and mask is not None and not torch.compiler.is_compiling():
+            stop = int(input_pos.max()) + 1
+            mask = mask[..., :stop]  # the later slots are in no row's past: the result is the same
         for i, layer in enumerate(self.layers):
-            args = (x, cos, sin, mask, None if cache is None else cache.layer(i), input_pos)
+            args = (x, cos, sin, mask, None if cache is None else cache.layer(i, stop), input_pos)
             if layer.gradient_checkpointing and torch.is_grad_enabled():  # the layer runs again during backward
                 x = checkpoint(layer, *args, use_reentrant=False)
             else:

@@ -12,10 +12,12 @@ from helpers import audio_prompt_ids, left_pad, load_hf, test_signal
 from test_kernels import AVX2_MISSING, VNNI_MISSING, needs_avx2
 
 import qwen2audio
+from qwen2audio import decoder
+from qwen2audio.decoder import Attention
 from qwen2audio.errors import InputError
 from qwen2audio.features import audio_token_count, extract_features
 from qwen2audio.generate import GenerationOptions, generate
-from qwen2audio.kernels import cpu, extension, layers
+from qwen2audio.kernels import cpu, extension, layers, products
 from qwen2audio.kernels.cpu import choose_kernels, prepare_for_cpu, restore_plain
 from qwen2audio.quantize import Int8Linear, quantize_int8
 
@@ -288,3 +290,27 @@ def test_native_streams_few_rows_where_torch_multiplies_bf16_in_hardware(tiny_ch
         for n in (1, 3, 4, 16):
             layer(torch.randn(n, layer.in_features).to(BF16))
     assert calls == [n for n in (1, 3, 4, 16) if n <= limit]
+
+
+@needs_avx2
+@pytest.mark.parametrize("features, on", [(AVX2_ONLY, True), ({"avx2", "fma3", "avx512_bf16"}, True),
+                                          ({"avx2", "fma3", "avx512_bf16", "amx_bf16"}, False)])
+def test_decoding_attention_runs_in_the_kernel_and_generates_the_same(plain, monkeypatch, features, on):
+    # Where the streaming kernel is chosen, decoding's attention reads the cache in the C++ kernel (fp32 inside);
+    # with AMX, torch's paths stay. The tokens equal torch's SDPA's on the same fp32 model.
+    inputs, model = features_and_ids([1.0, 2.0]), copy.deepcopy(plain[None]).float()
+    reference = greedy(model, inputs)
+    monkeypatch.setattr(cpu, "cpu_features", lambda: features)
+    prepare_for_cpu(model, "native")
+    attentions = [m for m in model.modules() if isinstance(m, Attention)]
+    assert attentions and all(a.cpu_kernel is on for a in attentions) and ("cpu_kernel=True" in repr(model)) is on
+    rows = []
+    def spy(q, k, v, mask, scale):
+        rows.append(q.shape[2])
+        return products.cached_attention(q, k, v, mask, scale)
+
+    monkeypatch.setattr(decoder, "cached_attention", spy)
+    torch.testing.assert_close(greedy(model, inputs), reference, rtol=0, atol=0)
+    assert (rows and set(rows) == {1}) if on else not rows  # the decode steps: one query row each
+    restore_plain(model)
+    assert not any(a.cpu_kernel for a in attentions)

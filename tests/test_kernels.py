@@ -197,3 +197,49 @@ def test_int8_kernels_agree_bit_for_bit():
     ext = cpu_extension()
     avx2, vnni = ext.int8_linear(x, w, scales, "avx2"), ext.int8_linear(x, w, scales, "avx512_vnni")
     assert avx2.dtype == torch.bfloat16 and torch.equal(avx2, vnni)
+
+
+def attention_bound(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """First-order error bound of the attention kernel's fp32 arithmetic, per query row: each score is a sum of D
+    products in 2 x 8 lanes (D/8 + 6 roundings of sum |q k| scale), which exp turns into that relative error of
+    each weight, doubled by the normalisation; then S FMA steps per output, one rounding each, and the division."""
+    qk = q.double().abs() @ k.double().abs().transpose(-1, -2) * scale  # (B, H, T, S)
+    score_error = ((q.shape[-1] / 8 + 6) * U * qk).amax(-1, keepdim=True) + 4 * U
+    return (2 * score_error + (k.shape[-2] + 4) * U) * v.double().abs().amax((-2, -1), keepdim=True)
+
+
+@needs_avx2
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("heads, kv_heads, T, S, D", [(4, 4, 1, 37, 128), (8, 2, 3, 50, 24), (2, 1, 16, 9, 8)])
+def test_attention_kernel_against_float64(dtype, heads, kv_heads, T, S, D):
+    g = torch.Generator().manual_seed(S)
+    B = 3
+    cache_k, cache_v = (torch.randn(B, kv_heads, S + 5, D, generator=g).to(dtype) for _ in range(2))
+    k, v = cache_k[:, :, :S], cache_v[:, :, :S]  # views of a longer cache, as decoding passes them
+    q = (torch.randn(B, heads, T, D, generator=g) * 2).to(dtype)
+    masks = [None, torch.rand(B, 1, T, S, generator=g) > 0.4, torch.rand(1, 1, T, S, generator=g) > 0.4]
+    for mask in masks:
+        if mask is not None:
+            mask[..., 0] = True  # every row may attend to something
+        got = cpu_extension().attend(q, k, v, mask, D ** -0.5)
+        exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask,
+                                               scale=D ** -0.5, enable_gqa=True)
+        assert got.dtype == torch.float32 and got.shape == (B, heads, T, D)
+        group = heads // kv_heads  # each kv head serves `group` query heads
+        bound = attention_bound(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), D ** -0.5)
+        assert ((got.double() - exact).abs() <= bound).all()
+
+
+@needs_avx2
+def test_attention_kernel_edges():
+    ext = cpu_extension()
+    q, k, v = torch.randn(1, 2, 2, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)
+    mask = torch.tensor([[True, False, False, False], [False, False, False, False]])[None, None]
+    out = ext.attend(q, k, v, mask, 1.0)
+    assert torch.allclose(out[:, :, 0], v[:, :, 0], atol=1e-6)  # one key allowed: its value exactly
+    assert torch.equal(out[:, :, 1], torch.zeros(1, 2, 8))  # no key allowed: zeros (SDPA would give NaN)
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        ext.attend(torch.randn(1, 1, 1, 12), torch.randn(1, 1, 3, 12), torch.randn(1, 1, 3, 12), None, 1.0)
+    with pytest.raises(RuntimeError, match="contiguous rows"):
+        columns = torch.randn(1, 2, 8, 4).transpose(-1, -2)  # (1, 2, 4, 8) with rows of stride 4
+        ext.attend(q, columns, columns, None, 1.0)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..decoder import Attention
 from ..errors import InputError
 from .extension import cpu_extension
 from .layers import Fp32Conv1d, Fp32LayerNorm, Fp32Linear, Int8CpuLinear, KernelLayer, StreamingLinear
@@ -80,14 +81,14 @@ def choose_kernels(kernels: str, features: set[str], dtype: torch.dtype) -> tupl
 def prepare_for_cpu(model: nn.Module, kernels: str = "auto", verbose: bool = False) -> str:
     """Swap the layers of a Qwen2-Audio model for the CPU layers of `kernels` (see the module docstring), in place;
     returns the choice made. Parameters are shared, never copied. The choice is logged on the "qwen2audio" logger;
-    verbose: say on stderr when the C++ kernels are loaded (their first use builds them)."""
+    verbose: say on stderr, when it is a terminal, that the C++ kernels load (their first use builds them)."""
     restore_plain(model)
     dtype = model.language_model.model.embed_tokens.weight.dtype
     features = cpu_features()
     choice, why = choose_kernels(kernels, features, dtype)
     has_int8 = any(is_int8_layer(m) for m in model.modules())
-    rows = native_rows(features, dtype)
-    wanted = choice == "avx2" or (choice == "native" and (has_int8 or rows == "avx2"))
+    rows, attention = native_rows(features, dtype), kernel_attention(features)
+    wanted = choice == "avx2" or (choice == "native" and (has_int8 or rows == "avx2" or attention))
     extension = cpu_extension(verbose) if wanted else None
     if choice == "avx2" and extension is None:
         choice, why = "native", "the avx2 kernels could not be built (see the warning)"
@@ -100,7 +101,10 @@ def prepare_for_cpu(model: nn.Module, kernels: str = "auto", verbose: bool = Fal
         count = swap_layers(model, lambda path, m: native_layer(path, m, streaming, isa, extension is not None))
     else:
         count = 0
-    log.info(f"CPU kernels: {choice} ({why}); {count} layers swapped; compute dtype {model.dtype}")
+    attention = extension is not None and choice in ("avx2", "native") and (attention or choice == "avx2")
+    use_attention_kernel(model, attention)
+    log.info(f"CPU kernels: {choice} ({why}); {count} layers swapped; compute dtype {model.dtype}; "
+             f"decoding attention: {'the C++ kernel' if attention else 'torch'}")
     return choice
 
 
@@ -112,7 +116,16 @@ def int8_isa(features: set[str]) -> str:
 def restore_plain(model: nn.Module) -> None:
     """Undo prepare_for_cpu: the plain layers back (sharing the parameters), activations in the weights' dtype."""
     swap_layers(model, lambda path, m: m.plain() if isinstance(m, KernelLayer) else None)
+    use_attention_kernel(model, False)
     model.activation_dtype = None
+
+
+def use_attention_kernel(model: nn.Module, on: bool) -> None:
+    """Whether the decoder's attention runs a few cached query rows (decoding) through the C++ kernel, which reads
+    the cache once in fp32 (kernels/products.py cached_attention), or through torch's scaled_dot_product_attention."""
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.cpu_kernel = on
 
 
 def is_int8_layer(module: nn.Module) -> bool:
@@ -140,6 +153,13 @@ def native_rows(features: set[str], dtype: torch.dtype) -> str:
     Zen 4 and 1.8-2.0 on an AVX2 EPYC, the kernel 4-9 GB/s; benchmarks/README.md)."""
     avx2 = {"avx2", "fma3"} <= features and not any(f.startswith("amx") for f in features)
     return "avx2" if avx2 and dtype in NARROW else "torch"
+
+
+def kernel_attention(features: set[str]) -> bool:
+    """Whether decoding's attention runs in the C++ kernel: on x86-64 CPUs with AVX2 + FMA but no AMX (where torch's
+    paths stay as they were measured). torch's CPU flash attention took 4-10x longer for one bf16 query row than
+    reading the cache once (2x in fp32) on an AMD EPYC Zen 4; benchmarks/README.md."""
+    return {"avx2", "fma3"} <= features and not any(f.startswith("amx") for f in features)
 
 
 def streaming_rows_limit(features: set[str], dtype: torch.dtype, rows: str) -> int:

@@ -10,6 +10,8 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 #include "cpu_kernels.h"
@@ -127,6 +129,52 @@ AVX2 void int8_rows(const int16_t* xq, const float* sx, int64_t n, int64_t strid
   }
 }
 
+// Attention of one (batch, head) pair's T query rows over S cached keys, in fp32 (see cpu_kernels.h). The keys and
+// values are read once per query row, widened in registers: bound by reading the cache, as decoding is.
+template <CacheType C>
+AVX2 inline __m256 load_kv8(const void* row, int64_t d) {
+  if constexpr (C == CacheType::fp32) return _mm256_loadu_ps(static_cast<const float*>(row) + d);
+  else return load8(static_cast<const uint16_t*>(row) + d, C == CacheType::fp16 ? WeightType::fp16 : WeightType::bf16);
+}
+
+template <CacheType C>
+AVX2 float dot(const float* q, const void* k, int64_t D) {  // D: a multiple of 8
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load_kv8<C>(k, d), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), load_kv8<C>(k, d + 8), acc1);
+  }
+  if (d < D) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load_kv8<C>(k, d), acc0);
+  return sum8(_mm256_add_ps(acc0, acc1));
+}
+
+template <CacheType C>
+AVX2 void attend_head(const float* q, const char* k, const char* v, int64_t row_bytes, const bool* mask, int64_t T,
+                      int64_t S, int64_t D, float scale, float* scores, float* out) {
+  for (int64_t t = 0; t < T; ++t, q += D, out += D) {
+    const bool* allowed = mask ? mask + t * S : nullptr;
+    float top = -INFINITY;
+    for (int64_t s = 0; s < S; ++s) {
+      scores[s] = allowed && !allowed[s] ? -INFINITY : scale * dot<C>(q, k + s * row_bytes, D);
+      top = std::max(top, scores[s]);
+    }
+    for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(out + d, _mm256_setzero_ps());
+    if (top == -INFINITY) continue;  // no key allowed: zeros
+    float total = 0.f;
+    for (int64_t s = 0; s < S; ++s) {  // out += exp(score - top) * v, unnormalised: one pass over the values
+      if (scores[s] == -INFINITY) continue;
+      const float p = std::exp(scores[s] - top);
+      total += p;
+      const __m256 pv = _mm256_set1_ps(p);
+      for (int64_t d = 0; d < D; d += 8)
+        _mm256_storeu_ps(out + d, _mm256_fmadd_ps(pv, load_kv8<C>(v + s * row_bytes, d), _mm256_loadu_ps(out + d)));
+    }
+    const __m256 inverse = _mm256_set1_ps(1.f / total);
+    for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(out + d, _mm256_mul_ps(inverse, _mm256_loadu_ps(out + d)));
+  }
+}
+
 }  // namespace
 
 AVX2 void float_rows_avx2(const float* x, int64_t n, const uint16_t* w, WeightType type, const float* bias,
@@ -180,6 +228,16 @@ AVX2 void widen_int8_to_bf16_avx2(const int8_t* src, uint16_t* dst, int64_t coun
     union { float f; uint32_t u; } bits = {float(src[i])};
     dst[i] = uint16_t(bits.u >> 16);
   }
+}
+
+AVX2 void attend_avx2(const float* q, const void* k, const void* v, CacheType type, const bool* mask, int64_t T,
+                      int64_t S, int64_t D, float scale, float* scores, float* out) {
+  const auto* K = static_cast<const char*>(k);
+  const auto* V = static_cast<const char*>(v);
+  const int64_t row_bytes = D * (type == CacheType::fp32 ? 4 : 2);
+  if (type == CacheType::bf16) attend_head<CacheType::bf16>(q, K, V, row_bytes, mask, T, S, D, scale, scores, out);
+  if (type == CacheType::fp16) attend_head<CacheType::fp16>(q, K, V, row_bytes, mask, T, S, D, scale, scores, out);
+  if (type == CacheType::fp32) attend_head<CacheType::fp32>(q, K, V, row_bytes, mask, T, S, D, scale, scores, out);
 }
 
 }  // namespace q2a

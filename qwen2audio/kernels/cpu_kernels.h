@@ -17,6 +17,7 @@
 namespace q2a {
 
 enum class WeightType { bf16, fp16 };
+enum class CacheType { bf16, fp16, fp32 };
 
 // y[r, o] = sum_k x[r, k] * w[o, k] (+ bias[o]) for r < n, o in [o_begin, o_end); x (n, in) fp32, y (n, out) fp32.
 void float_rows_avx2(const float* x, int64_t n, const uint16_t* w, WeightType type, const float* bias, int64_t in,
@@ -35,5 +36,11 @@ void widen_bf16_avx2(const uint16_t* src, float* dst, int64_t count);
 void widen_fp16_avx2(const uint16_t* src, float* dst, int64_t count);
 void widen_int8_avx2(const int8_t* src, float* dst, int64_t count);
 void widen_int8_to_bf16_avx2(const int8_t* src, uint16_t* dst, int64_t count);
+
+// Attention of one (batch, head) pair: out[t] = softmax_s(scale * q[t] . k[s], where mask[t, s]) @ v, in fp32, for
+// T query rows q (T, D) fp32 over S keys and values k, v (S, D) of `type`, rows contiguous; mask (T, S) or null (all
+// keys). D: a multiple of 8; scores: room for S floats; out (T, D). A row that may attend to no key gets zeros.
+void attend_avx2(const float* q, const void* k, const void* v, CacheType type, const bool* mask, int64_t T,
+                 int64_t S, int64_t D, float scale, float* scores, float* out);
 
 }  // namespace q2a

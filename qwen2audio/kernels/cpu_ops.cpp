@@ -147,6 +147,50 @@ at::Tensor widened_mm(at::Tensor x, at::Tensor w, int64_t block_rows) {
   return y;
 }
 
+q2a::CacheType cache_type(c10::ScalarType dtype) {
+  if (dtype == at::kBFloat16) return q2a::CacheType::bf16;
+  if (dtype == at::kHalf) return q2a::CacheType::fp16;
+  TORCH_CHECK(dtype == at::kFloat, "attend: bf16, fp16 or fp32 keys and values expected, got ", dtype);
+  return q2a::CacheType::fp32;
+}
+
+// softmax(scale * q @ k.T, where mask) @ v in fp32, for a few query rows over a key / value cache. q (B, H, T, D);
+// k, v (B, KVH, S, D) of one dtype with contiguous rows of D (views of a cache: any batch and head strides), H a
+// multiple of KVH (grouped-query heads share a kv head); mask (B or 1, 1, T, S) bool "may attend" or None (every
+// key). Returns (B, H, T, D) fp32. Each thread takes whole (batch, head) pairs.
+at::Tensor attend(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Tensor> mask, double scale) {
+  check_cpu(false);
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && v.strides() == k.strides() &&
+              k.scalar_type() == v.scalar_type(), "attend: q (B, H, T, D), k and v (B, KVH, S, D) alike expected");
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), KVH = k.size(1), S = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(3) == D && KVH > 0 && H % KVH == 0 && D % 8 == 0 && S > 0,
+              "attend: batch and head_dim (a multiple of 8) must match, heads a multiple of kv heads");
+  TORCH_CHECK(k.stride(3) == 1 && k.stride(2) == D && q.device().is_cpu() && k.device().is_cpu(),
+              "attend: CPU tensors, k and v with contiguous rows expected");
+  at::Tensor m;
+  if (mask) {
+    m = mask->contiguous();
+    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 4 && (m.size(0) == B || m.size(0) == 1) &&
+                m.size(1) == 1 && m.size(2) == T && m.size(3) == S, "attend: mask (B or 1, 1, T, S) bool expected");
+  }
+  const auto type = cache_type(k.scalar_type());
+  const auto qf = q.to(at::kFloat).contiguous();
+  auto out = at::empty({B, H, T, D}, qf.options());
+  const auto* K = static_cast<const char*>(k.data_ptr());
+  const auto* V = static_cast<const char*>(v.data_ptr());
+  const int64_t size = k.element_size(), group = H / KVH;
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(S);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / H, offset = (b * k.stride(0) + (i % H) / group * k.stride(1)) * size;
+      const bool* M = mask ? m.data_ptr<bool>() + (m.size(0) == B ? b : 0) * T * S : nullptr;
+      q2a::attend_avx2(qf.data_ptr<float>() + i * T * D, K + offset, V + offset, type, M, T, S, D, float(scale),
+                       scores.data(), out.data_ptr<float>() + i * T * D);
+    }
+  });
+  return out;
+}
+
 TORCH_LIBRARY(qwen2audio_cpu, m) {
   // x @ w.T + bias for a few fp32 rows and a bf16 / fp16 weight
   m.def("float_linear_avx2(Tensor x, Tensor w, Tensor? bias) -> Tensor", &float_linear_avx2);
@@ -156,4 +200,6 @@ TORCH_LIBRARY(qwen2audio_cpu, m) {
   m.def("widen(Tensor src, Tensor(a!) dst) -> ()", &widen);
   // x @ w.T for a narrower weight, widened block by block (per thread)
   m.def("widened_mm(Tensor x, Tensor w, int block_rows) -> Tensor", &widened_mm);
+  // softmax(scale * q @ k.T, where mask) @ v in fp32 for a few query rows over a key / value cache
+  m.def("attend(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor", &attend);
 }

@@ -45,7 +45,7 @@ def _build(verbose: bool) -> object | str:
     try:
         from torch.utils.cpp_extension import load
 
-        if verbose:  # a notice, as the progress bar: the first build takes a while
+        if verbose and sys.stderr.isatty():  # a notice, as the progress bar: the first build takes a while
             print("loading qwen2audio's CPU kernels (the first use builds them: ~10 s, once) ...", file=sys.stderr,
                   flush=True)
         folder = Path(__file__).parent
