@@ -5,7 +5,8 @@
 Decoding (a few rows times a weight) is bound by reading the weight: reported as GB/s of weights read and as % of
 the copy bandwidth (a 1 GiB copy_, read + write). The weights cycle through 4 matrices of the MLP's shape
 (11008 x 4096, 90 MB each in bf16), so that they come from memory, not from the 32 MB cache. Prefill (283 rows) is
-bound by arithmetic: GFLOP/s. Each figure is the best of --repeat runs (noise on a shared machine only slows).
+bound by arithmetic: GFLOP/s. Decoding's attention reads the key / value cache once per query row: GB/s. Each
+figure is the best of --repeat runs (noise on a shared machine only slows).
 """
 
 import argparse
@@ -73,6 +74,26 @@ def prefill_rows(repeat: int) -> list[list[str]]:
     return rows
 
 
+def attention_rows(repeat: int, copy_gbs: float) -> list[list[str]]:
+    """Decoding's attention: one query row per sequence over S cached positions of the 7B's 32 heads x 128, bf16
+    (the cache of "native") and fp32 (that of "avx2"); GB/s of keys and values read."""
+    ext, rows = cpu_extension(), []
+    for batch, S, dtype in [(1, 300, torch.bfloat16), (1, 1200, torch.bfloat16), (8, 300, torch.bfloat16),
+                            (8, 1200, torch.bfloat16), (1, 1200, torch.float32), (8, 1200, torch.float32)]:
+        q = torch.randn(batch, 32, 1, 128).to(dtype)
+        k, v = (torch.randn(batch, 32, S, 128).to(dtype) for _ in range(2))
+        mask = torch.ones(batch, 1, 1, S, dtype=torch.bool)
+        cases = [("torch scaled_dot_product_attention",
+                  lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)),
+                 ("C++ kernel (fp32 inside)", lambda: ext.attend(q, k, v, mask, 128 ** -0.5))]
+        for name, fn in cases:
+            seconds = best(fn, repeat)
+            gbs = 2 * k.numel() * k.element_size() / seconds / 1e9
+            rows.append([f"{batch}", f"{S}", str(dtype).removeprefix("torch."), name, f"{seconds * 1e3:.2f}",
+                         f"{gbs:.1f}", f"{100 * gbs / copy_gbs:.0f}%"])
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=5)
@@ -87,6 +108,9 @@ def main() -> None:
                 decode_rows(args.repeat, copy_gbs), args.markdown)
     print_table(f"Prefill: ({PROMPT}, {IN}) x ({OUT}, {IN}).T", ["product", "ms", "GFLOP/s"],
                 prefill_rows(args.repeat), args.markdown)
+    print_table("Decoding attention: one query row per sequence, 32 heads x 128", ["batch", "cached positions",
+                "cache dtype", "attention", "ms", "GB/s of keys + values", "% of copy"],
+                attention_rows(args.repeat, copy_gbs), args.markdown)
 
 
 if __name__ == "__main__":

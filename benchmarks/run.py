@@ -3,7 +3,7 @@ widths, each variant in its own process (worker.py).
 
     python benchmarks/run.py [--device cpu|cuda] [--model DIR] [--text-layers N] [--audio-layers N]
                              [--variants KEY,...] [--new-tokens 32] [--repeat 3] [--rounds 1] [--skip-batch]
-                             [--markdown] [--json FILE]
+                             [--skip-frontend] [--markdown] [--json FILE]
 
 Without --model, a random checkpoint with the 7B's widths (hidden 4096, 32 heads, MLP 11008, vocabulary 156032;
 encoder d_model 1280) is built once under /tmp/q2a-bench and reused: 4 decoder + 4 encoder layers on CPU, the
@@ -50,7 +50,7 @@ def spawn(key: str, folder: Path, out: Path, args: argparse.Namespace) -> dict |
     cmd = [sys.executable, str(Path(__file__).with_name("worker.py")), "--variant", key, "--model", str(folder),
            "--out", str(out), "--device", args.device, "--new-tokens", str(args.new_tokens),
            "--repeat", str(args.repeat)]
-    cmd += ["--frontend"] if key in FRONTEND else []
+    cmd += ["--frontend"] if key in FRONTEND and not args.skip_frontend else []
     cmd += ["--skip-batch"] if args.skip_batch else []
     print(f"running {VARIANTS[key][0]} ...", file=sys.stderr, flush=True)
     done = subprocess.run(cmd, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
@@ -123,6 +123,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per measurement (median)")
     parser.add_argument("--rounds", type=int, default=1, help="run the variants this many times, in turns; best")
     parser.add_argument("--skip-batch", action="store_true", help="leave out batch 8")
+    parser.add_argument("--skip-frontend", action="store_true", help="leave out the log-mel and encoder timings")
     parser.add_argument("--markdown", action="store_true", help="print the tables ready to paste")
     parser.add_argument("--json", type=Path, default=None, help="also write every measurement to this file")
     args = parser.parse_args()

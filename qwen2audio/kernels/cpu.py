@@ -157,8 +157,8 @@ def native_rows(features: set[str], dtype: torch.dtype) -> str:
 
 def kernel_attention(features: set[str]) -> bool:
     """Whether decoding's attention runs in the C++ kernel: on x86-64 CPUs with AVX2 + FMA but no AMX (where torch's
-    paths stay as they were measured). torch's CPU flash attention took 4-10x longer for one bf16 query row than
-    reading the cache once (2x in fp32) on an AMD EPYC Zen 4; benchmarks/README.md."""
+    paths stay as they were measured). torch's CPU flash attention took 4-15x longer for one bf16 query row than
+    the kernel (2.5-3x in fp32) on an AMD EPYC Zen 4; benchmarks/README.md."""
     return {"avx2", "fma3"} <= features and not any(f.startswith("amx") for f in features)
 
 

@@ -75,7 +75,7 @@ def widened(weight: Tensor) -> Tensor:
 def cached_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
     """softmax(scale * q @ k.T, where mask) @ v for a few query rows q (B, heads, T, head_dim) over a key / value
     cache k, v (B, kv_heads, S, head_dim), in fp32, in q's dtype. Bound by reading the cache once per query row, as
-    decoding is by reading the weights (torch's CPU flash attention took 4-10x longer at one bf16 query row)."""
+    decoding is by reading the weights (torch's CPU flash attention took 4-15x longer at one bf16 query row)."""
     return cpu_extension().attend(q, k, v, mask, scale).to(q.dtype)
 
 
