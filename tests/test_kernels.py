@@ -238,6 +238,8 @@ def test_attention_kernel_edges():
     out = ext.attend(q, k, v, mask, 1.0)
     assert torch.allclose(out[:, :, 0], v[:, :, 0], atol=1e-6)  # one key allowed: its value exactly
     assert torch.equal(out[:, :, 1], torch.zeros(1, 2, 8))  # no key allowed: zeros (SDPA would give NaN)
+    q[0, 0, 0, 3] = math.nan  # a NaN (or an overflow) anywhere in a row's scores makes the row NaN, never hidden
+    assert ext.attend(q, k, v, None, 1.0)[0, 0, 0].isnan().all()
     with pytest.raises(RuntimeError, match="multiple of 8"):
         ext.attend(torch.randn(1, 1, 1, 12), torch.randn(1, 1, 3, 12), torch.randn(1, 1, 3, 12), None, 1.0)
     with pytest.raises(RuntimeError, match="contiguous rows"):

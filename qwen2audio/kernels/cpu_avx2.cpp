@@ -10,7 +10,6 @@
 
 #include <immintrin.h>
 
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -157,7 +156,7 @@ AVX2 void attend_head(const float* q, const char* k, const char* v, int64_t row_
     float top = -INFINITY;
     for (int64_t s = 0; s < S; ++s) {
       scores[s] = allowed && !allowed[s] ? -INFINITY : scale * dot<C>(q, k + s * row_bytes, D);
-      top = std::max(top, scores[s]);
+      top = scores[s] > top || std::isnan(scores[s]) ? scores[s] : top;  // a NaN stays: every output NaN
     }
     for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(out + d, _mm256_setzero_ps());
     if (top == -INFINITY) continue;  // no key allowed: zeros
