@@ -109,7 +109,8 @@ class Qwen2Model(nn.Module):
         stop = None  # attend over the slots written so far, not the whole cache (compiled code keeps fixed shapes)
         if cache is not None and mask is not None and not torch.compiler.is_compiling():
             stop = int(input_pos.max()) + 1
-            mask = mask[..., :stop]  # the later slots are in no row's past: the result is the same
+            # The later slots are in no row's past: the same result. Made contiguous once, not in each layer's kernel.
+            mask = mask[..., :stop].contiguous()
         for i, layer in enumerate(self.layers):
             args = (x, cos, sin, mask, None if cache is None else cache.layer(i, stop), input_pos)
             if layer.gradient_checkpointing and torch.is_grad_enabled():  # the layer runs again during backward

@@ -87,7 +87,7 @@ def prepare_for_cpu(model: nn.Module, kernels: str = "auto", verbose: bool = Fal
     features = cpu_features()
     choice, why = choose_kernels(kernels, features, dtype)
     has_int8 = any(is_int8_layer(m) for m in model.modules())
-    rows, attention = native_rows(features, dtype), kernel_attention(features)
+    rows, attention = native_rows(features, dtype), decodes_in_kernels(features)
     wanted = choice == "avx2" or (choice == "native" and (has_int8 or rows == "avx2" or attention))
     extension = cpu_extension(verbose) if wanted else None
     if choice == "avx2" and extension is None:
@@ -101,7 +101,7 @@ def prepare_for_cpu(model: nn.Module, kernels: str = "auto", verbose: bool = Fal
         count = swap_layers(model, lambda path, m: native_layer(path, m, streaming, isa, extension is not None))
     else:
         count = 0
-    attention = extension is not None and choice in ("avx2", "native") and (attention or choice == "avx2")
+    attention = extension is not None and (choice == "avx2" or (choice == "native" and attention))
     use_attention_kernel(model, attention)
     log.info(f"CPU kernels: {choice} ({why}); {count} layers swapped; compute dtype {model.dtype}; "
              f"decoding attention: {'the C++ kernel' if attention else 'torch'}")
@@ -151,14 +151,14 @@ def native_rows(features: set[str], dtype: torch.dtype) -> str:
     """The few-row product of "native" bf16 / fp16 layers: torch's addmv where the CPU has AMX (it streams at 82-103%
     of copy bandwidth on a Xeon), else the AVX2 kernel (torch's bf16 addmv streamed 1.4-2.9 GB/s on an AMD EPYC
     Zen 4 and 1.8-2.0 on an AVX2 EPYC, the kernel 4-9 GB/s; benchmarks/README.md)."""
-    avx2 = {"avx2", "fma3"} <= features and not any(f.startswith("amx") for f in features)
-    return "avx2" if avx2 and dtype in NARROW else "torch"
+    return "avx2" if decodes_in_kernels(features) and dtype in NARROW else "torch"
 
 
-def kernel_attention(features: set[str]) -> bool:
-    """Whether decoding's attention runs in the C++ kernel: on x86-64 CPUs with AVX2 + FMA but no AMX (where torch's
-    paths stay as they were measured). torch's CPU flash attention took 4-15x longer for one bf16 query row than
-    the kernel (2.5-3x in fp32) on an AMD EPYC Zen 4; benchmarks/README.md."""
+def decodes_in_kernels(features: set[str]) -> bool:
+    """Whether decoding's few-row work (the products of native_rows, the attention) runs in the C++ kernels: on
+    x86-64 CPUs with AVX2 + FMA but no AMX, where torch's paths stay as they were measured. For the attention:
+    torch's CPU flash attention took 4-15x longer for one bf16 query row than the kernel (2.5-3x in fp32) on an AMD
+    EPYC Zen 4; benchmarks/README.md."""
     return {"avx2", "fma3"} <= features and not any(f.startswith("amx") for f in features)
 
 
