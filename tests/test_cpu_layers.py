@@ -270,11 +270,11 @@ def test_quantizing_a_prepared_model_then_preparing_again(tiny_checkpoint):
 
 
 @needs_avx2
-@pytest.mark.parametrize("features, limit", [({"avx2", "fma3", "avx512_bf16"}, 3), ({"avx2", "fma3"}, 16)])
+@pytest.mark.parametrize("features, limit", [({"avx2", "fma3", "avx512_bf16"}, 8), ({"avx2", "fma3"}, 16)])
 def test_native_streams_few_rows_where_torch_multiplies_bf16_in_hardware(tiny_checkpoint, monkeypatch, features,
                                                                          limit):
     """"native" with the AVX2 kernel hands more than `limit` rows to F.linear where the CPU has bf16 arithmetic
-    (torch's product is faster there from 4 rows on), and streams up to 16 rows elsewhere."""
+    (torch's product is faster there at 16 rows), and streams up to 16 rows elsewhere."""
     model = qwen2audio.load_model(tiny_checkpoint, dtype="bfloat16", quiet=True)
     monkeypatch.setattr(cpu, "cpu_features", lambda: features)
     assert prepare_for_cpu(model, "native") == "native"
@@ -287,9 +287,9 @@ def test_native_streams_few_rows_where_torch_multiplies_bf16_in_hardware(tiny_ch
 
     monkeypatch.setattr(layers, "float_rows", kernel)
     with torch.no_grad():
-        for n in (1, 3, 4, 16):
+        for n in (1, 3, 8, 9, 16):
             layer(torch.randn(n, layer.in_features).to(BF16))
-    assert calls == [n for n in (1, 3, 4, 16) if n <= limit]
+    assert calls == [n for n in (1, 3, 8, 9, 16) if n <= limit]
 
 
 @needs_avx2

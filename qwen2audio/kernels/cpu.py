@@ -150,7 +150,8 @@ def avx2_layer(module: nn.Module) -> nn.Module | None:
 def native_rows(features: set[str], dtype: torch.dtype) -> str:
     """The few-row product of "native" bf16 / fp16 layers: torch's addmv where the CPU has AMX (it streams at 82-103%
     of copy bandwidth on a Xeon), else the AVX2 kernel (torch's bf16 addmv streamed 1.4-2.9 GB/s on an AMD EPYC
-    Zen 4 and 1.8-2.0 on an AVX2 EPYC, the kernel 4-9 GB/s; benchmarks/README.md)."""
+    Zen 4 and 1.8-2.0 on an AVX2 EPYC, the kernel 4-9 GB/s, 24-37 since it prefetches the next rows;
+    benchmarks/README.md)."""
     return "avx2" if decodes_in_kernels(features) and dtype in NARROW else "torch"
 
 
@@ -164,10 +165,12 @@ def decodes_in_kernels(features: set[str]) -> bool:
 
 def streaming_rows_limit(features: set[str], dtype: torch.dtype, rows: str) -> int:
     """The most rows "native" streams (more go to F.linear). For the AVX2 kernel on a CPU that multiplies the dtype
-    in hardware, 3: torch's product is as fast from 4 rows on and 1.2-1.9x faster at 8-16 (bf16 on an AMD EPYC
-    Zen 4 with AVX512_BF16: 4096 x 11008 at 8 rows, 7.4 ms against the kernel's 9.7). Otherwise 16."""
+    in hardware, 8: since the kernel prefetches the next weight rows it is faster than torch's product up to 6 rows
+    and as fast at 7-8, and torch's is faster at 16 (bf16 on an AMD EPYC Zen 4 with AVX512_BF16, 11008 x 4096:
+    4 rows 3.3 ms against 4.8, 8 rows 5.4 against 5.7, 16 rows 10.8 against 7.0; benchmarks/README.md).
+    Otherwise 16."""
     hardware = any(f in features for f in HARDWARE.get(dtype, ()))
-    return 3 if rows == "avx2" and hardware else MAX_SKINNY_ROWS
+    return 8 if rows == "avx2" and hardware else MAX_SKINNY_ROWS
 
 
 def native_layer(path: str, module: nn.Module, rows: tuple[str, int], isa: str, widen: bool) -> nn.Module | None:
