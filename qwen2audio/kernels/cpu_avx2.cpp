@@ -38,18 +38,6 @@ AVX2 inline float sum8(__m256 v) {  // horizontal sum of 8 lanes
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
 }
 
-// Ask for the next block of J weight rows (the J * in elements after w's J rows) into the L2 cache, one 64-byte
-// line at `offset` bytes into it: called once per step of a block's loop, whose step reads 64 bytes of its J rows,
-// so the next block is in L2 as this one ends. Rows of 4-8 KB each end a 4 KB page, where the CPU's own
-// prefetcher stops and restarts; with this the kernels read 26-33 GB/s instead of 17-26 (AMD EPYC Zen 4, 2 cores).
-// (The address is computed as an integer: past the last block it points beyond the weight, which a prefetch may do
-// but C++ pointer arithmetic may not.)
-template <typename T>
-AVX2 inline void prefetch_next(const T* w, int J, int64_t in, int64_t offset) {
-  const uintptr_t next = reinterpret_cast<uintptr_t>(w) + (J * in) * sizeof(T) + offset;
-  _mm_prefetch(reinterpret_cast<const char*>(next), _MM_HINT_T1);
-}
-
 // R rows of x times J consecutive weight rows -> dots[R][J]. Each weight vector is loaded and widened once and
 // used for all R rows; R * J accumulators + J weights + 1 x stay in the 16 ymm registers (R = 2, J = 4: 13).
 template <int R, int J>

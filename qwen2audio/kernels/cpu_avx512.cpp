@@ -46,9 +46,7 @@ VNNI void block(const int16_t* xq, int64_t stride, const int8_t* w, int64_t in, 
     const int64_t stop = c + kChunk < in ? c + kChunk : in;
     for (int64_t k = c; k < stop; k += 32) {
       const __mmask32 mask = stop - k >= 32 ? ~__mmask32(0) : (__mmask32(1) << (stop - k)) - 1;
-      for (int line = 0; line < J * 32; line += 64)  // the next J rows into L2, as cpu_avx2.cpp's prefetch_next
-        _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(w) + J * in + J * k + line),
-                     _MM_HINT_T1);
+      for (int line = 0; line < J * 32; line += 64) prefetch_next(w, J, in, J * k + line);  // a step reads J * 32 B
       __m512i wv[J];
       for (int j = 0; j < J; ++j) wv[j] = load_w16(w + j * in + k, mask);
       for (int r = 0; r < R; ++r) {

