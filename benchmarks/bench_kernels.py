@@ -43,6 +43,9 @@ def decode_rows(repeat: int, copy_gbs: float) -> list[list[str]]:
                  ("bf16 -> fp32 in registers, AVX2 (avx2)", bf16, lambda w: ext.float_linear_avx2(x, w, None)),
                  ("int8, torch _weight_int8pack_mm", int8, lambda w: torch._weight_int8pack_mm(x, w, scales)),
                  ("int8, AVX2 kernel", int8, lambda w: ext.int8_linear(x, w, scales, "avx2"))]
+        if {"avx512_bf16", "avx512_bw", "avx512_vl"} <= features:
+            cases.insert(3, ("bf16 pairs, AVX512_BF16 kernel (native)", bf16,
+                             lambda w: ext.bf16_linear_avx512(x.bfloat16(), w, None)))
         if {"avx512_vnni", "avx512_bw", "avx512_vl"} <= features:
             cases.append(("int8, AVX-512 VNNI kernel", int8, lambda w: ext.int8_linear(x, w, scales, "avx512_vnni")))
         for name, weights, fn in cases:

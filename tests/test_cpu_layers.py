@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import audio_prompt_ids, left_pad, load_hf, test_signal
-from test_kernels import AVX2_MISSING, VNNI_MISSING, needs_avx2
+from test_kernels import AVX2_MISSING, VNNI_MISSING, needs_avx2, needs_bf16_kernel
 
 import qwen2audio
 from qwen2audio import decoder
@@ -124,7 +124,8 @@ def test_fp32_linear_equals_fp32_math_and_trains(weight_dtype):
     assert torch.equal(grad_w, plain.weight.grad) and torch.equal(grad_x, x.grad)
 
 
-@pytest.mark.parametrize("rows", ["torch", pytest.param("avx2", marks=needs_avx2)])
+@pytest.mark.parametrize("rows", ["torch", pytest.param("avx2", marks=needs_avx2),
+                                  pytest.param("avx512_bf16", marks=needs_bf16_kernel)])
 def test_streaming_linear_equals_linear(rows):
     torch.manual_seed(1)
     plain = torch.nn.Linear(96, 40).to(BF16)
@@ -137,8 +138,9 @@ def test_streaming_linear_equals_linear(rows):
         assert got.dtype == BF16 and got.shape == expected.shape
         # fp32 sums in either; the results differ by the bf16 rounding of the outputs at most
         assert (got.float() - expected.float()).abs().max().item() <= 2 ** -7 * expected.float().abs().max().item()
-        if rows == "avx2" and x.numel() // 96 <= 16:  # the kernel's fp32 result, rounded once to bf16
-            exact = layers.float_rows(x.reshape(-1, 96), plain.weight, plain.bias).to(BF16)
+        if rows != "torch" and x.numel() // 96 <= 16:  # the kernel's fp32 result, rounded once to bf16
+            kernel = layers.float_rows if rows == "avx2" else layers.bf16_rows
+            exact = kernel(x.reshape(-1, 96), plain.weight, plain.bias).to(BF16)
             assert torch.equal(got.reshape(-1, 40), exact)
 
 
@@ -269,27 +271,35 @@ def test_quantizing_a_prepared_model_then_preparing_again(tiny_checkpoint):
     assert type(model.language_model.lm_head) is Int8Linear
 
 
+BF16_KERNEL_CPU = {"avx2", "fma3", "avx512_bw", "avx512_vl", "avx512_bf16"}  # Zen 4, Cooper Lake
+
+
 @needs_avx2
-@pytest.mark.parametrize("features, limit", [({"avx2", "fma3", "avx512_bf16"}, 8), ({"avx2", "fma3"}, 16)])
+@pytest.mark.parametrize("features, rows, limit", [({"avx2", "fma3", "avx512_bf16"}, "avx2", 8),
+                                                   ({"avx2", "fma3"}, "avx2", 16),
+                                                   (BF16_KERNEL_CPU, "avx512_bf16", 16),
+                                                   (BF16_KERNEL_CPU | {"amx_bf16"}, "torch", 16)])
 def test_native_streams_few_rows_where_torch_multiplies_bf16_in_hardware(tiny_checkpoint, monkeypatch, features,
-                                                                         limit):
-    """"native" with the AVX2 kernel hands more than `limit` rows to F.linear where the CPU has bf16 arithmetic
-    (torch's product is faster there at 16 rows), and streams up to 16 rows elsewhere."""
+                                                                         rows, limit):
+    """"native" bf16 streams up to `limit` rows through the chosen kernel: the AVX512_BF16 one where the CPU has it
+    (and no AMX: then torch's addmv), else the AVX2 one, which hands more than 8 rows to F.linear where the CPU has
+    bf16 arithmetic (torch's product is faster there at 16 rows)."""
     model = qwen2audio.load_model(tiny_checkpoint, dtype="bfloat16", quiet=True)
     monkeypatch.setattr(cpu, "cpu_features", lambda: features)
     assert prepare_for_cpu(model, "native") == "native"
     layer = model.language_model.model.layers[0].mlp.down_proj
-    assert isinstance(layer, layers.StreamingLinear) and (layer.rows, layer.max_rows) == ("avx2", limit)
+    assert isinstance(layer, layers.StreamingLinear) and (layer.rows, layer.max_rows) == (rows, limit)
     calls = []
     def kernel(x, w, b):
         calls.append(x.shape[0])
         return F.linear(x.float(), w.float())
 
-    monkeypatch.setattr(layers, "float_rows", kernel)
+    monkeypatch.setattr(layers, {"avx2": "float_rows", "avx512_bf16": "bf16_rows", "torch": "streamed_rows"}[rows],
+                        kernel)
     with torch.no_grad():
-        for n in (1, 3, 8, 9, 16):
+        for n in (1, 3, 8, 9, 16, 17):
             layer(torch.randn(n, layer.in_features).to(BF16))
-    assert calls == [n for n in (1, 3, 8, 9, 16) if n <= limit]
+    assert calls == [n for n in (1, 3, 8, 9, 16, 17) if n <= limit]
 
 
 @needs_avx2

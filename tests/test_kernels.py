@@ -64,6 +64,9 @@ def _missing(*features: str) -> str | None:
 
 AVX2_MISSING = _missing("avx2", "fma3", "f16c")
 VNNI_MISSING = _missing("avx2", "fma3", "avx512_bw", "avx512_vl", "avx512_vnni")
+BF16_MISSING = _missing("avx2", "fma3", "avx512_bw", "avx512_vl", "avx512_bf16")
+needs_bf16_kernel = pytest.mark.skipif(BF16_MISSING is not None,
+                                       reason=f"the AVX512_BF16 kernel cannot run: {BF16_MISSING}")
 needs_avx2 = pytest.mark.skipif(AVX2_MISSING is not None, reason=f"the AVX2 kernels cannot run: {AVX2_MISSING}")
 ISAS = [pytest.param("avx2", marks=needs_avx2),
         pytest.param("avx512_vnni", marks=pytest.mark.skipif(VNNI_MISSING is not None,
@@ -106,6 +109,41 @@ def test_float_rows_take_bf16_rows_and_bias():
     x, b = torch.randn(2, 50, generator=g).bfloat16(), torch.randn(20, generator=g).bfloat16()
     ext = cpu_extension()
     assert torch.equal(ext.float_linear_avx2(x, w, b), ext.float_linear_avx2(x.float(), w, b.float()))
+
+
+def bf16_bound(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """First-order error bound of the AVX512_BF16 kernel: products of bf16 pairs are exact in fp32; each of 16 lanes
+    adds in/16 of them one at a time (vdpbf16ps rounds after each of its two additions), then a 4-step lane sum and
+    the bias: at most (in/16 + 7) roundings of the sum of |x w| (and |b|). (The instruction also treats subnormal
+    inputs and results as zero, which these magnitudes never produce.)"""
+    magnitude = x.double().abs() @ w.double().abs().T + (0 if b is None else b.double().abs())
+    return (x.shape[1] / 16 + 7) * U * magnitude
+
+
+@needs_bf16_kernel
+@pytest.mark.parametrize("n_in", [7, 77, 4096])  # tail only, 32-element steps + tail, the 7B's width
+def test_bf16_rows_against_float64(n_in):
+    g = torch.Generator().manual_seed(n_in)
+    w = torch.randn(4 * 9 + 3, n_in, generator=g).bfloat16()  # 39 rows: blocks of 4 and a tail of 3
+    for n, with_bias in [(1, True), (2, False), (3, True), (4, False), (7, True), (16, True)]:  # 4-row groups, tails
+        x = (torch.randn(n, n_in, generator=g) * torch.logspace(-3, 2, n)[:, None]).bfloat16()
+        b = torch.randn(w.shape[0], generator=g) if with_bias else None
+        got = cpu_extension().bf16_linear_avx512(x, w, b)
+        exact = x.double() @ w.double().T + (0 if b is None else b.double())
+        assert got.dtype == torch.float32 and got.shape == (n, w.shape[0])
+        assert ((got.double() - exact).abs() <= bf16_bound(x, w, b)).all()
+
+
+@needs_bf16_kernel
+def test_bf16_rows_round_other_rows_to_bf16_first():
+    # fp32 rows are rounded to bf16 (the kernel multiplies bf16 pairs); a bf16 bias is widened exactly.
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(20, 50, generator=g).bfloat16()
+    x, b = torch.randn(2, 50, generator=g), torch.randn(20, generator=g).bfloat16()
+    ext = cpu_extension()
+    assert torch.equal(ext.bf16_linear_avx512(x, w, b), ext.bf16_linear_avx512(x.bfloat16(), w, b.float()))
+    with pytest.raises(RuntimeError, match="bf16 weight expected"):
+        ext.bf16_linear_avx512(x, w.half(), None)
 
 
 @needs_avx2

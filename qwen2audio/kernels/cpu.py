@@ -5,9 +5,10 @@ parameters (print(model) shows them; `restore_plain(model)` undoes it). `load()`
 The choices (`kernels=`, CLI `--kernels`):
   "native"     products in the weights' dtype through torch's kernels, which use AMX / AVX512_BF16 where the CPU
                has them; the decoder's few-row products stream each weight once (StreamingLinear: torch's addmv
-               where the CPU has AMX, the AVX2 kernel with fp32 sums elsewhere, see native_rows); int8 decoding
-               through the AVX-512 VNNI kernel where the CPU has it, else the AVX2 one, else torch's
-               `_weight_int8pack_mm`; int8 prefill through widened blocks (int8 -> bf16 / fp32) and GEMM
+               where the CPU has AMX, else the AVX512_BF16 kernel for bf16 where the CPU has it, else the AVX2
+               kernel with fp32 sums; see native_rows); int8 decoding through the AVX-512 VNNI kernel where the
+               CPU has it, else the AVX2 one, else torch's `_weight_int8pack_mm`; int8 prefill through widened
+               blocks (int8 -> bf16 / fp32) and GEMM
   "avx2"       for CPUs without bf16 arithmetic: bf16 / fp16 weights stay as stored and every product computes in
                fp32 with the AVX2 + FMA kernels (Fp32Linear, Fp32Conv1d, Fp32LayerNorm); the decoder's activations
                and KV cache are fp32 (model.activation_dtype); int8 decoding through the AVX2 kernel
@@ -36,6 +37,7 @@ NARROW = (torch.bfloat16, torch.float16)
 # The hardware that multiplies a dtype fast (torch's names for the CPU's features).
 HARDWARE = {torch.bfloat16: ("amx_bf16", "avx512_bf16"), torch.float16: ("amx_fp16", "avx512_fp16")}
 VNNI = {"avx512_bw", "avx512_vl", "avx512_vnni"}  # what the AVX-512 int8 kernel needs
+BF16_KERNEL = {"avx512_bw", "avx512_vl", "avx512_bf16"}  # what the AVX-512 bf16 kernel needs
 _CPUINFO_NAMES = {"fma": "fma3", "avx512f": "avx512_f", "avx512bw": "avx512_bw", "avx512vl": "avx512_vl"}
 
 
@@ -88,7 +90,7 @@ def prepare_for_cpu(model: nn.Module, kernels: str = "auto", verbose: bool = Fal
     choice, why = choose_kernels(kernels, features, dtype)
     has_int8 = any(is_int8_layer(m) for m in model.modules())
     rows, attention = native_rows(features, dtype), decodes_in_kernels(features)
-    wanted = choice == "avx2" or (choice == "native" and (has_int8 or rows == "avx2" or attention))
+    wanted = choice == "avx2" or (choice == "native" and (has_int8 or rows != "torch" or attention))
     extension = cpu_extension(verbose) if wanted else None
     if choice == "avx2" and extension is None:
         choice, why = "native", "the avx2 kernels could not be built (see the warning)"
@@ -149,10 +151,13 @@ def avx2_layer(module: nn.Module) -> nn.Module | None:
 
 def native_rows(features: set[str], dtype: torch.dtype) -> str:
     """The few-row product of "native" bf16 / fp16 layers: torch's addmv where the CPU has AMX (it streams at 82-103%
-    of copy bandwidth on a Xeon), else the AVX2 kernel (torch's bf16 addmv streamed 1.4-2.9 GB/s on an AMD EPYC
-    Zen 4 and 1.8-2.0 on an AVX2 EPYC, the kernel 4-9 GB/s, 24-37 since it prefetches the next rows;
-    benchmarks/README.md)."""
-    return "avx2" if decodes_in_kernels(features) and dtype in NARROW else "torch"
+    of copy bandwidth on a Xeon); else, for bf16 weights on a CPU with AVX512_BF16, that kernel (2-16 rows: 1.6-1.8x
+    faster than torch's product on an AMD EPYC Zen 4, which is bound by arithmetic there); else the AVX2 kernel
+    (torch's bf16 addmv streamed 1.4-2.9 GB/s on that EPYC and 1.8-2.0 on an AVX2 EPYC, the kernel 24-37 GB/s since
+    it prefetches the next rows). Measurements: benchmarks/README.md."""
+    if not decodes_in_kernels(features) or dtype not in NARROW:
+        return "torch"
+    return "avx512_bf16" if dtype == torch.bfloat16 and BF16_KERNEL <= features else "avx2"
 
 
 def decodes_in_kernels(features: set[str]) -> bool:
@@ -168,7 +173,7 @@ def streaming_rows_limit(features: set[str], dtype: torch.dtype, rows: str) -> i
     in hardware, 8: since the kernel prefetches the next weight rows it is faster than torch's product up to 6 rows
     and as fast at 7-8, and torch's is faster at 16 (bf16 on an AMD EPYC Zen 4 with AVX512_BF16, 11008 x 4096:
     4 rows 3.3 ms against 4.8, 8 rows 5.4 against 5.7, 16 rows 10.8 against 7.0; benchmarks/README.md).
-    Otherwise 16."""
+    Otherwise 16 (the AVX512_BF16 kernel is faster than torch's product up to 32 rows there)."""
     hardware = any(f in features for f in HARDWARE.get(dtype, ()))
     return 8 if rows == "avx2" and hardware else MAX_SKINNY_ROWS
 

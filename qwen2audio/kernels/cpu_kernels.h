@@ -2,7 +2,7 @@
 //
 //   cpu_avx2.cpp    AVX2 + FMA + F16C: products of a few fp32 rows with bf16 / fp16 / int8 weights, widened in
 //                   registers; widening rows of weights to fp32 (or int8 to bf16) at memory speed
-//   cpu_avx512.cpp  AVX-512 VNNI: products of a few rows with int8 weights
+//   cpu_avx512.cpp  AVX-512: products of a few rows with int8 weights (VNNI) or bf16 weights (AVX512_BF16)
 //   cpu_ops.cpp     the torch-facing functions: checks, threads (at::parallel_for), the CPU check before each call
 //
 // Each family's file compiles every function with __attribute__((target(...))) and includes no torch header, so
@@ -44,6 +44,11 @@ void int8_rows_avx2(const int16_t* xq, const float* sx, int64_t n, int64_t strid
                     const float* scales, int64_t in, int64_t out, int64_t o_begin, int64_t o_end, float* y);
 void int8_rows_vnni(const int16_t* xq, const float* sx, int64_t n, int64_t stride, const int8_t* w,
                     const float* scales, int64_t in, int64_t out, int64_t o_begin, int64_t o_end, float* y);
+
+// y[r, o] = sum_k x[r, k] * w[o, k] (+ bias[o]) for bf16 x (n, in) and w: exact products, fp32 sums (vdpbf16ps);
+// y (n, out) fp32.
+void bf16_rows_avx512(const uint16_t* x, int64_t n, const uint16_t* w, const float* bias, int64_t in, int64_t out,
+                      int64_t o_begin, int64_t o_end, float* y);
 
 // dst[i] = src[i], exactly, for i < count.
 void widen_bf16_avx2(const uint16_t* src, float* dst, int64_t count);

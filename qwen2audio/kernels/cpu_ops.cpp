@@ -1,8 +1,8 @@
 // The torch-facing side of the CPU kernels (kernels/extension.py builds this module; kernels/products.py calls it).
 //
-// Every function checks its tensors, converts small inputs (activation rows, biases, scales) to fp32, checks that
-// the CPU has the instructions of the family it calls (cpu_kernels.h), and splits the output rows over torch's
-// threads. Weights are used in place: never copied, never converted as a whole.
+// Every function checks its tensors, converts small inputs (activation rows, biases, scales) to the kernel's dtype
+// (fp32; bf16 rows for the AVX512_BF16 kernel), checks that the CPU has the instructions of the family it calls
+// (cpu_kernels.h), and splits the output rows over torch's threads. Weights are used in place: never copied, never converted as a whole.
 
 // Only the ATen headers it uses (torch/extension.h alone took 31 s to compile here, these 5 s), and the functions
 // registered as torch operators (torch.ops.qwen2audio_cpu.*), so no Python binding code is compiled.
@@ -22,13 +22,17 @@
 
 namespace {
 
-void check_cpu(bool avx512_vnni) {
+enum class Family { avx2, avx512_vnni, avx512_bf16 };  // avx2 also means FMA; each AVX-512 one also BW and VL
+
+void check_cpu(Family family) {
   __builtin_cpu_init();
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   TORCH_CHECK(avx2, "qwen2audio CPU kernels: this CPU has no AVX2 + FMA");
-  TORCH_CHECK(!avx512_vnni || (__builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-                               __builtin_cpu_supports("avx512vnni")),
+  const bool avx512 = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  TORCH_CHECK(family != Family::avx512_vnni || (avx512 && __builtin_cpu_supports("avx512vnni")),
               "qwen2audio CPU kernels: this CPU has no AVX-512 VNNI");
+  TORCH_CHECK(family != Family::avx512_bf16 || (avx512 && __builtin_cpu_supports("avx512bf16")),
+              "qwen2audio CPU kernels: this CPU has no AVX512_BF16");
 }
 
 void check_weight(const at::Tensor& x, const at::Tensor& w) {
@@ -43,7 +47,7 @@ constexpr int64_t kRowsPerTask = 64;  // output rows per thread task: small enou
 // (n, in) rows times a bf16 / fp16 weight (out, in), plus bias: (n, out) fp32.
 at::Tensor float_linear_avx2(at::Tensor x, at::Tensor w, std::optional<at::Tensor> bias) {
   check_weight(x, w);
-  check_cpu(false);
+  check_cpu(Family::avx2);
   TORCH_CHECK(w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf, "bf16 or fp16 weight expected");
   const auto type = w.scalar_type() == at::kHalf ? q2a::WeightType::fp16 : q2a::WeightType::bf16;
   const auto xf = x.to(at::kFloat).contiguous();
@@ -59,13 +63,33 @@ at::Tensor float_linear_avx2(at::Tensor x, at::Tensor w, std::optional<at::Tenso
   return y;
 }
 
+// (n, in) bf16 rows times a bf16 weight (out, in), plus bias: (n, out) fp32, with AVX512_BF16 (exact products, fp32
+// sums). Rows in another dtype are rounded to bf16 first, as F.linear would need them.
+at::Tensor bf16_linear_avx512(at::Tensor x, at::Tensor w, std::optional<at::Tensor> bias) {
+  check_weight(x, w);
+  check_cpu(Family::avx512_bf16);
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16, "bf16 weight expected");
+  const auto xb = x.to(at::kBFloat16).contiguous();
+  const auto bf = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  TORCH_CHECK(!bias || (bf.dim() == 1 && bf.size(0) == w.size(0)), "bias (out,) expected");
+  const int64_t n = x.size(0), in = x.size(1), out = w.size(0);
+  auto y = at::empty({n, out}, xb.options().dtype(at::kFloat));
+  const auto* X = reinterpret_cast<const uint16_t*>(xb.data_ptr());
+  const auto* W = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  const float* B = bias ? bf.data_ptr<float>() : nullptr;
+  at::parallel_for(0, out, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    q2a::bf16_rows_avx512(X, n, W, B, in, out, begin, end, y.data_ptr<float>());
+  });
+  return y;
+}
+
 // (n, in) rows times an int8 weight (out, in) with per-row scales: (n, out) in x's dtype. Each x row is rounded to
 // int16 with its own scale max|x| / 32767 first (an error of at most half that scale per element, far below the
 // int8 weights' own); the integer sums are exact. isa: "avx2" or "avx512_vnni" (the same results, bit for bit).
 at::Tensor int8_linear(at::Tensor x, at::Tensor w, at::Tensor scales, std::string isa) {
   check_weight(x, w);
   TORCH_CHECK(isa == "avx2" || isa == "avx512_vnni", "isa must be 'avx2' or 'avx512_vnni'");
-  check_cpu(isa == "avx512_vnni");
+  check_cpu(isa == "avx512_vnni" ? Family::avx512_vnni : Family::avx2);
   TORCH_CHECK(w.scalar_type() == at::kChar, "int8 weight expected");
   TORCH_CHECK(scales.dim() == 1 && scales.size(0) == w.size(0), "scales (out,) expected");
   const int64_t n = x.size(0), in = x.size(1), out = w.size(0);
@@ -114,7 +138,7 @@ WidenFn widen_fn(c10::ScalarType from, c10::ScalarType to) {
 void widen(at::Tensor src, at::Tensor dst) {
   TORCH_CHECK(src.is_contiguous() && dst.is_contiguous() && src.numel() == dst.numel() && src.device().is_cpu() &&
               dst.device().is_cpu(), "widen: contiguous CPU tensors of the same size expected");
-  check_cpu(false);
+  check_cpu(Family::avx2);
   const WidenFn fn = widen_fn(src.scalar_type(), dst.scalar_type());
   const auto* s = static_cast<const char*>(src.data_ptr());
   auto* d = static_cast<char*>(dst.data_ptr());
@@ -127,7 +151,7 @@ void widen(at::Tensor src, at::Tensor dst) {
 // torch's single-threaded GEMM into its columns of y. One parallel region per product; no full-size copy.
 at::Tensor widened_mm(at::Tensor x, at::Tensor w, int64_t block_rows) {
   check_weight(x, w);
-  check_cpu(false);
+  check_cpu(Family::avx2);
   TORCH_CHECK(x.is_contiguous() && block_rows > 0, "widened_mm: contiguous x and block_rows > 0 expected");
   const WidenFn fn = widen_fn(w.scalar_type(), x.scalar_type());
   const int64_t out = w.size(0), in = w.size(1), n_blocks = (out + block_rows - 1) / block_rows;
@@ -159,7 +183,7 @@ q2a::CacheType cache_type(c10::ScalarType dtype) {
 // multiple of KVH (grouped-query heads share a kv head); mask (B or 1, 1, T, S) bool "may attend" or None (every
 // key). Returns (B, H, T, D) fp32. Each thread takes whole (batch, head) pairs.
 at::Tensor attend(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Tensor> mask, double scale) {
-  check_cpu(false);
+  check_cpu(Family::avx2);
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && v.strides() == k.strides() &&
               k.scalar_type() == v.scalar_type(), "attend: q (B, H, T, D), k and v (B, KVH, S, D) alike expected");
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), KVH = k.size(1), S = k.size(2);
@@ -194,6 +218,8 @@ at::Tensor attend(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Te
 TORCH_LIBRARY(qwen2audio_cpu, m) {
   // x @ w.T + bias for a few fp32 rows and a bf16 / fp16 weight
   m.def("float_linear_avx2(Tensor x, Tensor w, Tensor? bias) -> Tensor", &float_linear_avx2);
+  // x @ w.T + bias for a few bf16 rows and a bf16 weight, fp32 sums (AVX512_BF16)
+  m.def("bf16_linear_avx512(Tensor x, Tensor w, Tensor? bias) -> Tensor", &bf16_linear_avx512);
   // scales * (x @ w.T) for a few rows and an int8 weight (isa avx2 / avx512_vnni)
   m.def("int8_linear(Tensor x, Tensor w, Tensor scales, str isa) -> Tensor", &int8_linear);
   // dst = src, exactly: bf16 / fp16 / int8 -> fp32, int8 -> bf16

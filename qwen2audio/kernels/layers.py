@@ -4,8 +4,8 @@ Each is made from a plain layer with `from_module`, holds the very same Paramete
 state dict, its keys and dtypes are unchanged, so saving works as before), shows its own name in print(model), and
 gives the plain layer back with `plain()`. Each computes the plain layer's function; only the way differs:
 
-  StreamingLinear  nn.Linear in the weights' dtype; a few rows stream the weight once (torch's addmv / addmm, or
-                   the AVX2 kernel)
+  StreamingLinear  nn.Linear in the weights' dtype; a few rows stream the weight once (torch's addmv / addmm, the
+                   AVX2 kernel, or the AVX512_BF16 one)
   Fp32Linear       nn.Linear over bf16 / fp16 weights, computed in fp32: a few rows through the AVX2 kernel, many
                    through widened blocks and fp32 GEMM (products.py); returns fp32
   Fp32Conv1d       nn.Conv1d over bf16 / fp16 weights, computed in fp32 (the weights are small: widened per call)
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .products import MAX_SKINNY_ROWS, float_rows, int8_rows, streamed_rows, widened, widened_product
+from .products import MAX_SKINNY_ROWS, bf16_rows, float_rows, int8_rows, streamed_rows, widened, widened_product
 
 
 def needs_grad(*tensors: Tensor | None) -> bool:
@@ -61,8 +61,9 @@ class KernelLinear(KernelLayer, nn.Linear):
 
 
 class StreamingLinear(KernelLinear):
-    """rows: the few-row product, "torch" (addmv / addmm) or "avx2" (bf16 / fp16 weights widened in registers,
-    fp32 sums, the result in x's dtype), for at most max_rows rows; more rows go to F.linear."""
+    """rows: the few-row product, for at most max_rows rows (more go to F.linear): "torch" (addmv / addmm), "avx2"
+    (bf16 / fp16 weights widened in registers, fp32 sums) or "avx512_bf16" (bf16 rows and weights, exact products,
+    fp32 sums); the C++ kernels' results are rounded once to x's dtype."""
 
     @classmethod
     def from_module(cls, linear: nn.Linear, rows: str = "torch", max_rows: int = MAX_SKINNY_ROWS) -> "StreamingLinear":
@@ -75,7 +76,9 @@ class StreamingLinear(KernelLinear):
         if needs_grad(x, self.weight, self.bias) or not 0 < n_rows <= self.max_rows or x.device.type != "cpu":
             return F.linear(x, self.weight, self.bias)
         rows = x.reshape(n_rows, self.in_features)
-        if self.rows == "avx2":
+        if self.rows == "avx512_bf16" and x.dtype == self.weight.dtype == torch.bfloat16:
+            y = bf16_rows(rows, self.weight, self.bias).to(x.dtype)
+        elif self.rows != "torch":  # "avx2", or bf16 weights with rows of another dtype
             y = float_rows(rows, self.weight, self.bias).to(x.dtype)
         else:
             y = streamed_rows(rows, self.weight, self.bias)

@@ -4,7 +4,7 @@
   `skinny_product` does it with torch's `addmv` / `addmm` on weight @ rows.T, which stream a weight close to memory
   speed where torch multiplies the weight's dtype fast (F.linear with such skinny inputs reads it up to twice as
   slowly); the C++ kernels (cpu_avx2.cpp, cpu_avx512.cpp) stream bf16, fp16 or int8 weights and widen them in
-  registers, for CPUs without fast bf16 arithmetic and for int8.
+  registers, for CPUs without fast bf16 arithmetic and for int8, or multiply bf16 pairs with AVX512_BF16.
 - Many rows (prefill, the encoder): `widened_product` has each thread widen blocks of weight rows into its own fp32
   (or bf16) buffer, exactly and at memory speed, and run torch's GEMM on each while it is in cache. The weights stay
   as they are stored; no full-size widened copy is ever made.
@@ -44,6 +44,14 @@ def float_rows(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     if torch.compiler.is_compiling():
         return torch.ops.qwen2audio.float_rows(rows, weight, bias)
     return cpu_extension().float_linear_avx2(rows, weight, bias)
+
+
+def bf16_rows(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """rows (n, in) @ weight.T + bias for bf16 rows and a bf16 weight: exact products, fp32 sums (AVX512_BF16, four
+    rows per weight load); (n, out) fp32."""
+    if torch.compiler.is_compiling():
+        return torch.ops.qwen2audio.bf16_rows(rows, weight, bias)
+    return cpu_extension().bf16_linear_avx512(rows, weight, bias)
 
 
 def int8_rows(rows: Tensor, weight: Tensor, scales: Tensor, isa: str) -> Tensor:
@@ -87,6 +95,16 @@ def _float_rows_op(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 @_float_rows_op.register_fake
+def _(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return rows.new_empty(rows.shape[0], weight.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("qwen2audio::bf16_rows", mutates_args=())
+def _bf16_rows_op(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return cpu_extension().bf16_linear_avx512(rows, weight, bias)
+
+
+@_bf16_rows_op.register_fake
 def _(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return rows.new_empty(rows.shape[0], weight.shape[0], dtype=torch.float32)
 
