@@ -3,10 +3,12 @@ streaming clients.
 
 The server runs as the real command (`python -m qwen2audio serve`, its own process) on a random checkpoint of the
 7B's widths with few layers (common.build_checkpoint, plus tokenizer files); the clients are threads of this process
-speaking plain HTTP with server-sent events. Every request sends one clip (2 to 8 s, lengths differ) as input_audio and
-asks for exactly --new-tokens tokens (min_tokens = max_tokens, greedy), so each phase does the same work. Each client
-sends its requests one after another; a phase's aggregate rate is all completion tokens over its wall time (prefills
-included). Phases run in turns, --repeat times; the table gives the median and the spread (min-max).
+speaking plain HTTP with server-sent events. Every request sends one of 8 clips (2 to 8 s, lengths differ) as
+input_audio and asks for exactly --new-tokens tokens (min_tokens = max_tokens, greedy). Each client sends its requests
+one after another, at least --per-client of them, and more where needed for every phase to send each clip equally
+often (1 client: 8 requests; 4 clients: 4 each), so that each phase's prompts have the same mix of lengths and the
+phases compare the same work per request. A phase's aggregate rate is all completion tokens over its wall time
+(prefills included). Phases run in turns, --repeat times; the table gives the median and the spread (min-max).
 
     python benchmarks/bench_serve.py --repeat 3 --markdown
 """
@@ -108,8 +110,17 @@ def one_request(port: int, clip: str, new_tokens: int) -> dict[str, float]:
     return {"ttft_s": first or 0.0, "tokens": tokens}
 
 
-def phase(port: int, clients: int, per_client: int, clips: list[str], new_tokens: int,
+def requests_per_client(clients: int, at_least: int, clips: int) -> int:
+    """The fewest requests per client, at least `at_least`, for which the phase sends each clip equally often."""
+    n = at_least
+    while clients * n % clips:
+        n += 1
+    return n
+
+
+def phase(port: int, clients: int, at_least: int, clips: list[str], new_tokens: int,
           stagger: float = 0.0) -> dict[str, float]:
+    per_client = requests_per_client(clients, at_least, len(clips))
     results: list[dict[str, float]] = []
     lock, go = threading.Lock(), threading.Barrier(clients + 1)
 
@@ -162,7 +173,8 @@ def main() -> None:
     parser.add_argument("--text-layers", type=int, default=4)
     parser.add_argument("--audio-layers", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens per reply (default: %(default)s)")
-    parser.add_argument("--per-client", type=int, default=3, help="requests each client sends one after another")
+    parser.add_argument("--per-client", type=int, default=3,
+                        help="the fewest requests each client sends one after another (default: %(default)s)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--stagger", type=float, default=0.0,
