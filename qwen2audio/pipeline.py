@@ -26,7 +26,7 @@ from .model import Qwen2AudioForConditionalGeneration
 from .chat_template import Message, apply_chat_template, as_conversations, conversation_audios
 from .pipeline_checks import (check_audio_list, check_fits, check_generate_inputs, check_load_args, check_loaded,
                               check_single, resolve_device, resolve_model_path)
-from .prefix import CachedPrefix, reusable_length, window_spans
+from .prefix import CachedPrefix, audio_after, held_prefix, reusable_length, window_spans
 from .processor import Processor, load_clips
 from .resident import MoveIntoMemory
 from .quantize import check_quantize
@@ -121,10 +121,7 @@ class Qwen2Audio:
             size = min(max(length, 2 * (cache.max_seq_len if cache else 0)), limit)
             check_cache_fits(self.config, rows, size, self.dtype, self.device)
             cache = cache.grown(size, cached) if cache is not None and cached else self._model.new_cache(rows, size)
-        skip = sum(1 for start, _ in spans if start < cached)  # windows the cache holds: not encoded again
-        rest = {k: v[skip:] if skip < len(spans) else None for k, v in batch.items()
-                if k in ("input_features", "feature_attention_mask")}
-        return cache, cached, {**batch, **rest} if cached else batch
+        return cache, cached, {**batch, **audio_after(batch, spans, cached)} if cached else batch
 
     def _give_back(self, cache: KVCache, batch: dict, tokens: list[Tensor]) -> None:
         """Keep the cache for the next generation, with what it holds when it is one row: the prompt and every
@@ -132,12 +129,9 @@ class Qwen2Audio:
         prefix = None
         mask = batch["attention_mask"]
         if cache.batch_size == 1 and tokens and (mask is None or bool(mask.all())):
-            fed = torch.tensor([int(t) for t in tokens[:-1]], dtype=torch.long, device=batch["input_ids"].device)
-            ids = torch.cat([batch["input_ids"][0], fed])
-            spans = window_spans(batch["input_ids"][0], self.config.audio_token_index,
-                                 batch.get("feature_attention_mask"))
-            prefix = CachedPrefix(ids, [(start, batch["input_features"][i]) for i, (start, n) in enumerate(spans)
-                                        if n])
+            ids = batch["input_ids"][0]
+            spans = window_spans(ids, self.config.audio_token_index, batch.get("feature_attention_mask"))
+            prefix = held_prefix(ids, [int(t) for t in tokens[:-1]], spans, batch.get("input_features"))
         with self._lock:  # keep the last few, so a chat does not allocate its cache again every turn
             self._idle = [(cache, prefix)] + self._idle[:IDLE_CACHES - 1]
 

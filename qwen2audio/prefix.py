@@ -54,3 +54,20 @@ def reusable_length(prefix: CachedPrefix | None, ids: Tensor, spans: list[tuple[
         if start + length > common or start not in cached or not torch.equal(cached[start], features[i]):
             return start
     return common
+
+
+def audio_after(inputs: dict, spans: list[tuple[int, int]], cached: int) -> dict:
+    """The prompt's audio inputs (input_features, feature_attention_mask) for its tokens from `cached` on: windows
+    that start before `cached` are in the cache whole (reusable_length sees to that) and are left out; None where no
+    window is left."""
+    skip = sum(1 for start, _ in spans if start < cached)
+    return {k: inputs[k][skip:] if skip < len(spans) else None for k in ("input_features", "feature_attention_mask")
+            if k in inputs}
+
+
+def held_prefix(prompt_ids: Tensor, fed: list[int], spans: list[tuple[int, int]],
+                features: Tensor | None) -> CachedPrefix:
+    """What a one-row cache holds after a generation: the prompt (ids (T,)) and every token fed back (all generated
+    tokens but the last), with the prompt's audio windows."""
+    ids = torch.cat([prompt_ids, torch.tensor(fed, dtype=torch.long, device=prompt_ids.device)])
+    return CachedPrefix(ids, [(start, features[i]) for i, (start, n) in enumerate(spans) if n])

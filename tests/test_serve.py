@@ -145,6 +145,26 @@ def test_32_requests_from_8_clients_share_decode_steps(work, pipe, client, serve
     assert all(row is None for row in server.scheduler.rows)
 
 
+def test_the_next_turn_prefills_only_its_new_tokens(work, pipe, client, caplog):
+    """A conversation's second turn finds its first (prompt and reply) in the row that served it, and prefills only
+    what is new; the reply equals the pipeline's on the whole conversation computed from scratch."""
+    caplog.set_level(logging.DEBUG, logger="qwen2audio.serve")
+    first = [audio_message(work, 3, "What is it?")]
+    answer = client.chat.completions.create(model=NAME, messages=first, max_tokens=6, temperature=0)
+    reply = answer.choices[0].message.content
+    second = client.chat.completions.create(model=NAME, messages=[
+        *first, {"role": "assistant", "content": reply}, audio_message(work, 1, "And now?")], max_tokens=6,
+        temperature=0)
+    prefills = re.findall(r"prefilled (\d+) tokens into row \d+, (\d+) more found there", caplog.text)
+    new, found = map(int, prefills[-1])
+    assert found >= answer.usage.prompt_tokens and new + found == second.usage.prompt_tokens
+    pipe.forget_prefixes()  # the reference: every token of the conversation prefilled
+    local = [local_message(work, 3, "What is it?"), {"role": "assistant", "content": reply},
+             local_message(work, 1, "And now?")]
+    assert second.choices[0].message.content == pipe.chat(local, max_new_tokens=6, do_sample=False)
+    assert pipe.last_stats["cached_tokens"] == 0
+
+
 def test_the_command_serves_until_stopped(work, tmp_path):
     """`qwen2audio serve` for real: port 0, the URL printed, /health and /v1/models answered, a key required; with
     --open, the web page handed to Python's webbrowser, which runs $BROWSER: here a script noting the URL."""

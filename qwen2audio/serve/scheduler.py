@@ -7,6 +7,11 @@ were alone (tests/test_generate.py::test_rows_at_different_cache_slots_decode_as
 through its own GenerationOptions (its temperature, top-p, seed, penalties, stop ids), each row stops on its own (eos,
 a stop string, max_tokens), and a row is freed as soon as its request ends or its client disconnects. The event loop
 never waits on the model: jobs come in through `submit`, text goes out through each job's `emit` callback.
+
+Reuse: a freed row's cache still holds its request's prompt and reply (prefix.py). A new request takes the free row
+that holds the longest beginning of its prompt and prefills only the rest: the next turn of a conversation (which
+sends the whole history again) finds its previous turn there, and any request finds at least the chat template's
+system prompt and opening.
 """
 
 import itertools
@@ -23,6 +28,7 @@ from torch import Tensor
 from ..generate import GenerationOptions, decode_step, prefill, process_logits, sample, seen_token_mask
 from ..model import causal_padding_mask
 from ..pipeline import Qwen2Audio
+from ..prefix import CachedPrefix, audio_after, held_prefix, reusable_length, window_spans
 from ..tokenizer import StreamDecoder
 from .errors import APIError
 
@@ -70,6 +76,8 @@ class Row:
     generator: torch.Generator | None
     decoder: StreamDecoder
     stops: StopText
+    spans: list[tuple[int, int]]  # (first position, tokens) of each audio window of the prompt
+    fed: list[int] = field(default_factory=list)  # the generated tokens fed back so far (their keys are cached)
     token: int = 0  # the last token generated: the next step's input
     n: int = 0  # tokens generated
     peak: int = 1  # the most requests that shared one of its decode steps
@@ -82,6 +90,7 @@ class Scheduler:
         self.cache = self.model.new_cache(max_batch, context)  # (max_batch, kv_heads, context, head_dim) per layer
         self.ones = torch.ones(max_batch, context, dtype=torch.bool, device=self.model.device)  # no row has padding
         self.rows: list[Row | None] = [None] * max_batch
+        self.held: list[CachedPrefix | None] = [None] * max_batch  # what each free row's cache holds, for reuse
         self.pending: deque[Job] = deque()
         self.wake = threading.Condition()
         self.closing = False
@@ -115,27 +124,39 @@ class Scheduler:
     def _run(self) -> None:
         with torch.inference_mode():
             while (admitted := self._wait_for_work()) is not None:
-                for i, job in admitted:
-                    self._guarded([i], lambda: self._prefill(i, job))
+                for job in admitted:
+                    i, cached, spans = self._row_for(job)
+                    self._guarded([i], lambda: self._prefill(i, job, cached, spans))
                 self._drop_cancelled()
                 active = [i for i, row in enumerate(self.rows) if row]
                 if active:
                     self._guarded(active, lambda: self._step(active))
 
-    def _wait_for_work(self) -> list[tuple[int, Job]] | None:
-        """Block until there is something to do; take waiting jobs into free rows. None: the server is closing."""
+    def _wait_for_work(self) -> list[Job] | None:
+        """Block until there is something to do; take as many waiting jobs as there are free rows. None: the server
+        is closing."""
         with self.wake:
             while not self.closing and not self.pending and not any(self.rows):
                 self.wake.wait()
             if self.closing:
                 return None
             admitted = []
-            free = [i for i, row in enumerate(self.rows) if row is None]
-            while self.pending and len(admitted) < len(free):
+            free = sum(row is None for row in self.rows)
+            while self.pending and len(admitted) < free:
                 job = self.pending.popleft()
                 if not job.cancelled:
-                    admitted.append((free[len(admitted)], job))
+                    admitted.append(job)
             return admitted
+
+    def _row_for(self, job: Job) -> tuple[int, int, list[tuple[int, int]]]:
+        """(the free row whose cache holds the longest beginning of the job's prompt, how many of its tokens that is,
+        the prompt's audio windows); among equals, the row holding least, so that longer histories stay."""
+        ids, inputs = job.inputs["input_ids"][0], job.inputs
+        spans = window_spans(ids, self.model.cfg.audio_token_index, inputs.get("feature_attention_mask"))
+        scored = [(reusable_length(self.held[i], ids, spans, inputs.get("input_features")),
+                   -len(self.held[i].ids) if self.held[i] else 0, i) for i, row in enumerate(self.rows) if row is None]
+        cached, _, i = max(scored)
+        return i, cached, spans
 
     def _guarded(self, indices: list[int], work: Callable[[], None]) -> None:
         """Run work; if it fails, end the requests of those rows with a 500 (logged with its traceback) and go on."""
@@ -149,32 +170,40 @@ class Scheduler:
                     self.rows[i].job.emit(("error", error if isinstance(error, APIError) else APIError(500, message)))
                     self.rows[i] = None
 
-    def _prefill(self, i: int, job: Job) -> None:
+    def _prefill(self, i: int, job: Job, cached: int, spans: list[tuple[int, int]]) -> None:
+        """Prefill the job's prompt into row i from slot `cached` on (slots before it hold the prompt's beginning)."""
         device, o = self.model.device, job.options
         ids = job.inputs["input_ids"].to(device)  # (1, T)
-        features = job.inputs.get("input_features")
-        frames = job.inputs.get("feature_attention_mask")
+        self.held[i] = None  # overwritten from here on
         self.rows[i] = Row(job, ids.shape[1], seen_token_mask(ids, torch.ones_like(ids), self.model.cfg.vocab_size),
                            torch.tensor(o.eos_token_ids, dtype=torch.long, device=device),
                            None if o.seed is None else torch.Generator(device=device).manual_seed(o.seed),
-                           self.pipe.tokenizer.stream(skip_special_tokens=True), StopText(job.stop))
-        logits = prefill(self.model, ids, self.ones[:1], self.cache.rows(i, i + 1),
-                         None if features is None else features.to(device),
-                         None if frames is None else frames.to(device))  # (1, V)
-        log.debug("request %s: prefilled %d tokens into row %d", job.id, ids.shape[1], i)
+                           self.pipe.tokenizer.stream(skip_special_tokens=True), StopText(job.stop), spans)
+        audio = {k: None if v is None else v.to(device) for k, v in audio_after(job.inputs, spans, cached).items()}
+        logits = prefill(self.model, ids[:, cached:], self.ones[:1], self.cache.rows(i, i + 1),
+                         audio.get("input_features"), audio.get("feature_attention_mask"), start=cached)  # (1, V)
+        log.debug("request %s: prefilled %d tokens into row %d, %d more found there", job.id, ids.shape[1] - cached,
+                  i, cached)
         self._advance(i, logits, 1)
 
     def _drop_cancelled(self) -> None:
         for i, row in enumerate(self.rows):
             if row is not None and row.job.cancelled:
                 log.info("request %s: client gone after %d tokens; row %d freed", row.job.id, row.n, i)
-                self.rows[i] = None
+                self._free(i)
+
+    def _free(self, i: int) -> None:
+        """Row i's request has ended: the row is free, and keeps what its cache holds for a later request."""
+        row, self.rows[i] = self.rows[i], None
+        self.held[i] = held_prefix(row.job.inputs["input_ids"][0], row.fed, row.spans,
+                                   row.job.inputs.get("input_features"))
 
     def _step(self, active: list[int]) -> None:
         """One decode step for every active row, each at its own slot; then each row's next token."""
         width = self.max_batch if self.full_width else active[-1] + 1
-        tokens = [0] * width  # rows outside `active` are free: they write slot 0 of their own row, never read
-        slots = [0] * width
+        # Rows outside `active` are free: each writes the slot just past what its cache holds, which no one reads.
+        slots = [len(held.ids) if held else 0 for held in self.held[:width]]
+        tokens = [0] * width
         for i in active:
             tokens[i], slots[i] = self.rows[i].token, self.rows[i].slot
         device = self.model.device
@@ -188,6 +217,7 @@ class Scheduler:
                   " ".join(self.rows[i].job.id for i in active), active)
         for i in active:
             self.rows[i].slot += 1
+            self.rows[i].fed.append(self.rows[i].token)
             self._advance(i, logits[i:i + 1], len(active))
 
     def _advance(self, i: int, logits: Tensor, sharing: int) -> None:
@@ -213,7 +243,7 @@ class Scheduler:
 
     def _finish(self, i: int, reason: str) -> None:
         row = self.rows[i]
-        self.rows[i] = None
+        self._free(i)
         prompt_tokens = row.job.inputs["input_ids"].shape[1]
         row.job.emit(("done", reason, prompt_tokens, row.n))
         log.info("request %s: %d prompt + %d completion tokens, finish %s, %.2f s, decode steps shared with up to %d "
