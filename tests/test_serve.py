@@ -11,12 +11,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
+import torch
 from helpers import test_signal, wav_bytes
 from serve_helpers import KEY, NAME, b64, request, start
 from tokenizer_fixture import model_folder
 
 import qwen2audio
 from qwen2audio.chat_template import apply_chat_template, base_prompt
+from qwen2audio.prefix import CachedPrefix
+from qwen2audio.serve.scheduler import Job
 from qwen2audio.serve.schema import ASR_PROMPT
 
 
@@ -163,6 +166,21 @@ def test_the_next_turn_prefills_only_its_new_tokens(work, pipe, client, caplog):
              local_message(work, 1, "And now?")]
     assert second.choices[0].message.content == pipe.chat(local, max_new_tokens=6, do_sample=False)
     assert pipe.last_stats["cached_tokens"] == 0
+
+
+def test_a_request_takes_the_row_holding_most_of_its_prompt_unless_steps_widen_for_little(server):
+    scheduler = server.scheduler  # every row is free between tests; eager steps run rows 0 .. the last in use
+    ids = torch.arange(10, 400)[None]  # a text-only prompt of 390 tokens
+    job = Job({"input_ids": ids}, None, (), lambda event: None)
+    saved = list(scheduler.held)
+    try:
+        scheduler.held[:] = [CachedPrefix(ids[0, :20], [])] * len(saved)  # every row: the first 20 tokens
+        scheduler.held[5] = CachedPrefix(ids[0, :300], [])  # row 5: a history of 300, worth 5 more rows per step
+        assert scheduler._row_for(job)[:2] == (5, 300)
+        scheduler.held[5] = CachedPrefix(ids[0, :60], [])  # 40 more than row 0: not worth them
+        assert scheduler._row_for(job)[:2] == (0, 20)
+    finally:
+        scheduler.held[:] = saved
 
 
 def test_the_command_serves_until_stopped(work, tmp_path):

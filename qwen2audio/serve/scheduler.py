@@ -9,9 +9,9 @@ a stop string, max_tokens), and a row is freed as soon as its request ends or it
 never waits on the model: jobs come in through `submit`, text goes out through each job's `emit` callback.
 
 Reuse: a freed row's cache still holds its request's prompt and reply (prefix.py). A new request takes the free row
-that holds the longest beginning of its prompt and prefills only the rest: the next turn of a conversation (which
-sends the whole history again) finds its previous turn there, and any request finds at least the chat template's
-system prompt and opening.
+that holds the longest beginning of its prompt, unless that row would widen every decode step for little (_row_for),
+and prefills only the rest: the next turn of a conversation (which sends the whole history again) finds its previous
+turn there, and any request finds at least the chat template's system prompt and opening.
 """
 
 import itertools
@@ -33,6 +33,11 @@ from ..tokenizer import StreamDecoder
 from .errors import APIError
 
 log = logging.getLogger("qwen2audio.serve")
+# What one more row in every decode step costs, in prompt tokens to prefill (an estimate for the 7B on a 2-core
+# Zen 4): a product of the 7B's widths takes about 0.1 ms more per row at 1-8 rows (2.9 ms at 1 row, 3.6 at 8;
+# benchmarks/README.md), some 20 ms per step over its 225 products, 2 s over a 100-token reply: the prefill of
+# about 50 tokens (13 GFLOP each at 360 GFLOP/s).
+WIDER_STEP_TOKENS = 48
 _ids = itertools.count(1)
 
 
@@ -149,14 +154,16 @@ class Scheduler:
             return admitted
 
     def _row_for(self, job: Job) -> tuple[int, int, list[tuple[int, int]]]:
-        """(the free row whose cache holds the longest beginning of the job's prompt, how many of its tokens that is,
-        the prompt's audio windows); among equals, the row holding least, so that longer histories stay."""
+        """(a free row for the job, how many tokens of its prompt that row's cache holds already, the prompt's audio
+        windows). Each free row scores the tokens it holds, less WIDER_STEP_TOKENS for each row an eager decode step
+        would grow by (it runs every row up to the last one in use); the best, and the first of equals."""
         ids, inputs = job.inputs["input_ids"][0], job.inputs
         spans = window_spans(ids, self.model.cfg.audio_token_index, inputs.get("feature_attention_mask"))
-        scored = [(reusable_length(self.held[i], ids, spans, inputs.get("input_features")),
-                   -len(self.held[i].ids) if self.held[i] else 0, i) for i, row in enumerate(self.rows) if row is None]
-        cached, _, i = max(scored)
-        return i, cached, spans
+        width = self.max_batch if self.full_width else max((i + 1 for i, row in enumerate(self.rows) if row), default=0)
+        free = [i for i, row in enumerate(self.rows) if row is None]
+        cached = {i: reusable_length(self.held[i], ids, spans, inputs.get("input_features")) for i in free}
+        i = max(free, key=lambda i: (cached[i] - WIDER_STEP_TOKENS * max(0, i + 1 - width), -i))
+        return i, cached[i], spans
 
     def _guarded(self, indices: list[int], work: Callable[[], None]) -> None:
         """Run work; if it fails, end the requests of those rows with a 500 (logged with its traceback) and go on."""
