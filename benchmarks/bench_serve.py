@@ -3,12 +3,13 @@ streaming clients.
 
 The server runs as the real command (`python -m qwen2audio serve`, its own process) on a random checkpoint of the
 7B's widths with few layers (common.build_checkpoint, plus tokenizer files); the clients are threads of this process
-speaking plain HTTP with server-sent events. Every request sends one of 8 clips (2 to 8 s, lengths differ) as
-input_audio and asks for exactly --new-tokens tokens (min_tokens = max_tokens, greedy). Each client sends its requests
-one after another, at least --per-client of them, and more where needed for every phase to send each clip equally
-often (1 client: 8 requests; 4 clients: 4 each), so that each phase's prompts have the same mix of lengths and the
-phases compare the same work per request. A phase's aggregate rate is all completion tokens over its wall time
-(prefills included). Phases run in turns, --repeat times; the table gives the median and the spread (min-max).
+speaking plain HTTP with server-sent events. Every request sends a clip of one of 8 lengths (2 to 8 s) as
+input_audio, with a sound of its own (no two requests send the same audio, so the server's reuse of cached prompts
+finds only the chat template's opening, as with real traffic), and asks for exactly --new-tokens tokens (min_tokens
+= max_tokens, greedy). Each client sends its requests one after another, at least --per-client of them, and more
+where needed for every phase to send each length equally often (1 client: 8 requests; 4 clients: 4 each), so that
+the phases' prompts have the same mix of lengths. A phase's aggregate rate is all completion tokens over its wall
+time (prefills included). Phases run in turns, --repeat times; the table gives the median and the spread (min-max).
 
     python benchmarks/bench_serve.py --repeat 3 --markdown
 """
@@ -17,6 +18,7 @@ import argparse
 import base64
 import http.client
 import io
+import itertools
 import json
 import os
 import re
@@ -26,6 +28,7 @@ import sys
 import threading
 import time
 import wave
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -118,9 +121,11 @@ def requests_per_client(clients: int, at_least: int, clips: int) -> int:
     return n
 
 
-def phase(port: int, clients: int, at_least: int, clips: list[str], new_tokens: int,
+def phase(port: int, clients: int, at_least: int, seeds: Iterator[int], new_tokens: int,
           stagger: float = 0.0) -> dict[str, float]:
-    per_client = requests_per_client(clients, at_least, len(clips))
+    per_client = requests_per_client(clients, at_least, len(CLIP_SECONDS))
+    clips = [[wav_base64(CLIP_SECONDS[(k * per_client + r) % len(CLIP_SECONDS)], next(seeds))
+              for r in range(per_client)] for k in range(clients)]  # made before the clock starts
     results: list[dict[str, float]] = []
     lock, go = threading.Lock(), threading.Barrier(clients + 1)
 
@@ -128,7 +133,7 @@ def phase(port: int, clients: int, at_least: int, clips: list[str], new_tokens: 
         go.wait()
         time.sleep(k * stagger)  # 0: every client starts at once (every first request arrives together)
         for r in range(per_client):
-            result = one_request(port, clips[(k * per_client + r) % len(clips)], new_tokens)
+            result = one_request(port, clips[k][r], new_tokens)
             with lock:
                 results.append(result)
 
@@ -185,15 +190,15 @@ def main() -> None:
     args = parser.parse_args()
 
     folder = model_folder(args.text_layers, args.audio_layers)
-    clips = [wav_base64(s, seed=i) for i, s in enumerate(CLIP_SECONDS)]
+    seeds = itertools.count()
     process, port = start_server(folder, args)
     try:
-        for clip in clips:  # warm-up: every prompt length once (oneDNN settles its kernels per shape)
-            one_request(port, clip, 2)
+        for seconds in CLIP_SECONDS:  # warm-up: every prompt length once (oneDNN settles its kernels per shape)
+            one_request(port, wav_base64(seconds, next(seeds)), 2)
         runs: dict[int, list[dict[str, float]]] = {c: [] for c in args.clients}
         for round_ in range(args.repeat):
             for clients in args.clients:
-                runs[clients].append(phase(port, clients, args.per_client, clips, args.new_tokens, args.stagger))
+                runs[clients].append(phase(port, clients, args.per_client, seeds, args.new_tokens, args.stagger))
                 print(f"round {round_ + 1}, {clients} clients: {runs[clients][-1]}", file=sys.stderr, flush=True)
     finally:
         process.terminate()
