@@ -151,7 +151,7 @@ def avx2_layer(module: nn.Module) -> nn.Module | None:
 
 def native_rows(features: set[str], dtype: torch.dtype) -> str:
     """The few-row product of "native" bf16 / fp16 layers: torch's addmv where the CPU has AMX (it streams at 82-103%
-    of copy bandwidth on a Xeon); else, for bf16 weights on a CPU with AVX512_BF16, that kernel (2-16 rows: 1.6-1.8x
+    of copy bandwidth on a Xeon); else, for bf16 weights on a CPU with AVX512_BF16, that kernel (4-16 rows: 1.3-1.8x
     faster than torch's product on an AMD EPYC Zen 4, which is bound by arithmetic there); else the AVX2 kernel
     (torch's bf16 addmv streamed 1.4-2.9 GB/s on that EPYC and 1.8-2.0 on an AVX2 EPYC, the kernel 24-37 GB/s since
     it prefetches the next rows). Measurements: benchmarks/README.md."""
