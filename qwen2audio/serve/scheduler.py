@@ -159,11 +159,15 @@ class Scheduler:
         would grow by (it runs every row up to the last one in use); the best, and the first of equals."""
         ids, inputs = job.inputs["input_ids"][0], job.inputs
         spans = window_spans(ids, self.model.cfg.audio_token_index, inputs.get("feature_attention_mask"))
-        width = self.max_batch if self.full_width else max((i + 1 for i, row in enumerate(self.rows) if row), default=0)
+        width = self._step_width()
         free = [i for i, row in enumerate(self.rows) if row is None]
         cached = {i: reusable_length(self.held[i], ids, spans, inputs.get("input_features")) for i in free}
         i = max(free, key=lambda i: (cached[i] - WIDER_STEP_TOKENS * max(0, i + 1 - width), -i))
         return i, cached[i], spans
+
+    def _step_width(self) -> int:
+        """The rows a decode step runs: all of them when compiled (one shape), else every row up to the last in use."""
+        return self.max_batch if self.full_width else max((i + 1 for i, row in enumerate(self.rows) if row), default=0)
 
     def _guarded(self, indices: list[int], work: Callable[[], None]) -> None:
         """Run work; if it fails, end the requests of those rows with a 500 (logged with its traceback) and go on."""
@@ -207,7 +211,7 @@ class Scheduler:
 
     def _step(self, active: list[int]) -> None:
         """One decode step for every active row, each at its own slot; then each row's next token."""
-        width = self.max_batch if self.full_width else active[-1] + 1
+        width = self._step_width()
         # Rows outside `active` are free: each writes the slot just past what its cache holds, which no one reads.
         slots = [len(held.ids) if held else 0 for held in self.held[:width]]
         tokens = [0] * width
