@@ -92,13 +92,21 @@ def float_bound(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> tor
 def test_float_rows_against_float64(weight_dtype, n_in):
     g = torch.Generator().manual_seed(n_in)
     w = torch.randn(4 * 9 + 3, n_in, generator=g).to(weight_dtype)  # 39 rows: blocks of 4 and a tail of 3
-    for n, with_bias in [(1, True), (2, False), (3, True), (16, True)]:
-        x = torch.randn(n, n_in, generator=g) * torch.logspace(-3, 2, n)[:, None]  # rows of different sizes
+    check_rows_kernel(cpu_extension().float_linear_avx2, w, [(1, True), (2, False), (3, True), (16, True)],
+                      torch.float32, float_bound, g)
+
+
+def check_rows_kernel(kernel, w: torch.Tensor, cases: list[tuple[int, bool]], x_dtype: torch.dtype, bound,
+                      g: torch.Generator) -> None:
+    """kernel(x, w, b) against float64 math within bound(x, w, b), for each (n rows, with a bias) of `cases`: rows
+    of different sizes, in x_dtype."""
+    for n, with_bias in cases:
+        x = (torch.randn(n, w.shape[1], generator=g) * torch.logspace(-3, 2, n)[:, None]).to(x_dtype)
         b = torch.randn(w.shape[0], generator=g) if with_bias else None
-        got = cpu_extension().float_linear_avx2(x, w, b)
+        got = kernel(x, w, b)
         exact = x.double() @ w.double().T + (0 if b is None else b.double())
         assert got.dtype == torch.float32 and got.shape == (n, w.shape[0])
-        assert ((got.double() - exact).abs() <= float_bound(x, w, b)).all()
+        assert ((got.double() - exact).abs() <= bound(x, w, b)).all()
 
 
 @needs_avx2
@@ -125,13 +133,8 @@ def bf16_bound(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torc
 def test_bf16_rows_against_float64(n_in):
     g = torch.Generator().manual_seed(n_in)
     w = torch.randn(4 * 9 + 3, n_in, generator=g).bfloat16()  # 39 rows: blocks of 4 and a tail of 3
-    for n, with_bias in [(1, True), (2, False), (3, True), (4, False), (7, True), (16, True)]:  # 4-row groups, tails
-        x = (torch.randn(n, n_in, generator=g) * torch.logspace(-3, 2, n)[:, None]).bfloat16()
-        b = torch.randn(w.shape[0], generator=g) if with_bias else None
-        got = cpu_extension().bf16_linear_avx512(x, w, b)
-        exact = x.double() @ w.double().T + (0 if b is None else b.double())
-        assert got.dtype == torch.float32 and got.shape == (n, w.shape[0])
-        assert ((got.double() - exact).abs() <= bf16_bound(x, w, b)).all()
+    cases = [(1, True), (2, False), (3, True), (4, False), (7, True), (16, True)]  # groups of 4 rows, and tails
+    check_rows_kernel(cpu_extension().bf16_linear_avx512, w, cases, torch.bfloat16, bf16_bound, g)
 
 
 @needs_bf16_kernel
