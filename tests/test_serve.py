@@ -18,6 +18,7 @@ from tokenizer_fixture import model_folder
 
 import qwen2audio
 from qwen2audio.chat_template import apply_chat_template, base_prompt
+from qwen2audio.generate import GenerationOptions
 from qwen2audio.prefix import CachedPrefix
 from qwen2audio.serve.scheduler import Job
 from qwen2audio.serve.schema import ASR_PROMPT
@@ -181,6 +182,27 @@ def test_a_request_takes_the_row_holding_most_of_its_prompt_unless_steps_widen_f
         assert scheduler._row_for(job)[:2] == (0, 20)
     finally:
         scheduler.held[:] = saved
+
+
+def test_requests_arriving_together_are_prefilled_one_per_decode_step(server, caplog):
+    """Three prompts waiting at once: the first is prefilled, then every decode step is preceded by at most one
+    prefill, so the replies already started get a token between the later prefills (before, all three prefills ran
+    back to back); each reply is its full length."""
+    scheduler, done = server.scheduler, []
+    options = GenerationOptions(max_new_tokens=4, min_new_tokens=4)
+    jobs = [Job({"input_ids": torch.arange(10 + i, 40 + 9 * i)[None]}, options, (),
+                lambda event: done.append(event) if event[0] == "done" else None) for i in range(3)]
+    caplog.set_level(logging.DEBUG, logger="qwen2audio.serve")
+    with scheduler.wake:  # all three waiting before the model thread looks
+        scheduler.pending.extend(jobs)
+        scheduler.wake.notify()
+    deadline = time.monotonic() + 60
+    while len(done) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    events = re.findall(r"(prefilled|decode step) \d", caplog.text)
+    assert [e[3] for e in done] == [4, 4, 4]
+    assert events[:6] == ["prefilled", "decode step"] * 3, events
+    assert events.count("decode step") == 5, events  # the last, prefilled before step 3, needs steps 3, 4 and 5
 
 
 def test_the_command_serves_until_stopped(work, tmp_path):

@@ -1,12 +1,16 @@
 """Continuous batching: one model thread owns a batch KV cache of max_batch rows and keeps every request moving.
 
-Each turn of the thread's loop (1) prefills the requests that arrived into free rows, each alone into its own row
+Each turn of the thread's loop (1) prefills one request that arrived into a free row, alone into its row
 (`cache.rows(i, i + 1)`), so a prompt never waits for another's padding, and (2) runs one decode step for all active
-rows together: rows sit at different cache slots (input_pos is (B, 1)), which attention handles exactly as if each
-were alone (tests/test_generate.py::test_rows_at_different_cache_slots_decode_as_if_alone). Each row's logits go
-through its own GenerationOptions (its temperature, top-p, seed, penalties, stop ids), each row stops on its own (eos,
-a stop string, max_tokens), and a row is freed as soon as its request ends or its client disconnects. The event loop
-never waits on the model: jobs come in through `submit`, text goes out through each job's `emit` callback.
+rows together. One prefill per turn: while a burst of new prompts is prefilled, the replies being written (the
+burst's first ones included) get a token after each prefill instead of waiting for all of them; and requests that
+arrived together end a step apart, so that clients sending their next request on the last one's end do not all
+arrive together again. In the step, rows sit at different cache slots (input_pos is (B, 1)), which attention handles
+exactly as if each were alone (tests/test_generate.py::test_rows_at_different_cache_slots_decode_as_if_alone). Each
+row's logits go through its own GenerationOptions (its temperature, top-p, seed, penalties, stop ids), each row
+stops on its own (eos, a stop string, max_tokens), and a row is freed as soon as its request ends or its client
+disconnects. The event loop never waits on the model: jobs come in through `submit`, text goes out through each
+job's `emit` callback.
 
 Reuse: a freed row's cache still holds its request's prompt and reply (prefix.py). A new request takes the free row
 that holds the longest beginning of its prompt, unless that row would widen every decode step for little (_row_for),
@@ -138,8 +142,8 @@ class Scheduler:
                     self._guarded(active, lambda: self._step(active))
 
     def _wait_for_work(self) -> list[Job] | None:
-        """Block until there is something to do; take as many waiting jobs as there are free rows. None: the server
-        is closing."""
+        """Block until there is something to do; take the first waiting job if a row is free (one prefill per turn:
+        see the module's docstring). None: the server is closing."""
         with self.wake:
             while not self.closing and not self.pending and not any(self.rows):
                 self.wake.wait()
@@ -147,7 +151,7 @@ class Scheduler:
                 return None
             admitted = []
             free = sum(row is None for row in self.rows)
-            while self.pending and len(admitted) < free:
+            while self.pending and not admitted and free:
                 job = self.pending.popleft()
                 if not job.cancelled:
                     admitted.append(job)
