@@ -39,6 +39,8 @@ def main() -> None:
     folder = build_checkpoint(Path("/tmp/q2a-bench") / f"text{args.text_layers}-audio{args.audio_layers}-bfloat16",
                               args.text_layers, args.audio_layers)
     pipes = [qwen2audio.load(folder, quiet=True, **VARIANTS[k][2]) for k in keys]
+    for pipe in pipes:
+        pipe.wait_until_ready()  # the default load moves the weights into memory in the background: timed after
     inputs = audio_prompts([2.0])
     rates: list[list[float]] = [[], []]
     with torch.inference_mode():
