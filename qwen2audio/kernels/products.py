@@ -94,18 +94,14 @@ def _float_rows_op(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return cpu_extension().float_linear_avx2(rows, weight, bias)
 
 
-@_float_rows_op.register_fake
-def _(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    return rows.new_empty(rows.shape[0], weight.shape[0], dtype=torch.float32)
-
-
 @torch.library.custom_op("qwen2audio::bf16_rows", mutates_args=())
 def _bf16_rows_op(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return cpu_extension().bf16_linear_avx512(rows, weight, bias)
 
 
+@_float_rows_op.register_fake
 @_bf16_rows_op.register_fake
-def _(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def _(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # both kernels return fp32 sums
     return rows.new_empty(rows.shape[0], weight.shape[0], dtype=torch.float32)
 
 
