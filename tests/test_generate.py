@@ -1,6 +1,8 @@
 """The decode loop against transformers' generate(): greedy tokens, per-row stopping and padding, the static cache
 against a full recompute, batch against one-by-one, and the errors a caller can cause."""
 
+import math
+
 import pytest
 import torch
 from helpers import AUDIO_BOS, AUDIO_EOS, AUDIO_TOKEN, load_hf, test_signal
@@ -220,3 +222,14 @@ def test_rows_at_different_cache_slots_decode_as_if_alone(models, prompts):
             ids = torch.cat([single["input_ids"], tokens[row:row + 1]], dim=1)
             full = ours(ids, None, single["input_features"], single["feature_attention_mask"])[:, -1]
             torch.testing.assert_close(batch[row:row + 1], full, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_all_finite_finds_one_bad_value_anywhere(bad):
+    logits = torch.randn(3, 1000)
+    assert gen.all_finite(logits) and bool(torch.isfinite(logits).all())
+    for row, column in [(0, 0), (1, 517), (2, 999)]:
+        spoiled = logits.clone()
+        spoiled[row, column] = bad
+        assert not gen.all_finite(spoiled) and not gen.all_finite(spoiled[row:row + 1])
+        assert gen.all_finite(spoiled[(row + 1) % 3:(row + 1) % 3 + 1])  # the other rows are still finite

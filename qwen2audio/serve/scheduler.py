@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..generate import GenerationOptions, decode_step, prefill, process_logits, sample, seen_token_mask
+from ..generate import GenerationOptions, all_finite, decode_step, prefill, process_logits, sample, seen_token_mask
 from ..model import causal_padding_mask
 from ..pipeline import Qwen2Audio
 from ..prefix import CachedPrefix, audio_after, held_prefix, reusable_length, window_spans
@@ -238,7 +238,7 @@ class Scheduler:
     def _advance(self, i: int, logits: Tensor, sharing: int) -> None:
         """Pick row i's next token from its logits (1, V) with its own options; send its text; end it if done."""
         row, o = self.rows[i], self.rows[i].job.options
-        if not bool(torch.isfinite(logits).all()):
+        if not all_finite(logits):
             raise APIError(500, "the model computed NaN or infinite logits (broken weights, or float16 overflow)")
         scores = process_logits(logits, row.seen, row.n, row.eos, o)
         token = int(sample(scores, row.generator) if o.do_sample else scores.argmax(dim=-1))
