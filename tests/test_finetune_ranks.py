@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from finetune_ranks import FULL, LORA
 from safetensors.torch import load_file
 
