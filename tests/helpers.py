@@ -1,5 +1,7 @@
 """Builders for random tiny checkpoints, written by transformers' own save_pretrained (the Hub's key names)."""
 
+import random
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +119,24 @@ def two_conversations(text_seed: int = 0) -> dict[str, torch.Tensor]:
     ids, attention_mask = left_pad([audio_prompt_ids(counts[:1], [text(5), text(12)]),
                                     audio_prompt_ids(counts[1:], [text(7), text(3), text(9)])])
     return dict(input_ids=ids, attention_mask=attention_mask, input_features=feats, feature_attention_mask=mask)
+
+
+def free_port() -> int:
+    """A port of 127.0.0.1 that nothing holds now, for a process started later (torchrun's --master_port).
+
+    Port 0 would give one from the range the OS hands out for port 0 and for outgoing connections
+    (ip_local_port_range), where the connections other tests open meanwhile (gloo's between ranks, HTTP clients) can
+    take it before torchrun binds it. So the port is drawn from the 10,000 below that range, and a bind checks it."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default
+    draw = random.SystemRandom()  # not the tests' seeded generator: two test processes must not draw alike
+    for port in [draw.randrange(max(1024, low - 10_000), max(1025, low)) for _ in range(50)]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError(f"no free port of 127.0.0.1 found below {low}")

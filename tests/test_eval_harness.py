@@ -9,14 +9,13 @@ resume, bad items, the command line, and torchrun over two ranks against one pro
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import load_hf
+from helpers import free_port, load_hf
 from tokenizer_fixture import hf_processor, write_tokenizer_files
 
 import qwen2audio
@@ -279,12 +278,6 @@ def test_cli(model_dir, asr_data, tmp_path, capsys):
     assert "cannot read the data file" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_ranks_give_the_results_of_one_process(pipe, model_dir, speech, tmp_path, capsys):
     data = write_jsonl(speech / "four.jsonl", asr_lines(4))
     # one process: the same run in this process (the same batches of 2 as the two ranks make: [0, 1] and [2, 3])
@@ -292,7 +285,7 @@ def test_torchrun_two_ranks_give_the_results_of_one_process(pipe, model_dir, spe
              quiet=True)
     table = capsys.readouterr().out
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), "-m", "qwen2audio", "eval", "--task", "asr", "--data", str(data),
+               "--master_port", str(free_port()), "-m", "qwen2audio", "eval", "--task", "asr", "--data", str(data),
                "--model", str(model_dir), "--dtype", "float32", "--device", "cpu", "--batch-size", "2",
                "--max-new-tokens", "4", "--audio-decoder", "qwen2audio", "--quiet",
                "--out", str(tmp_path / "two.jsonl")]

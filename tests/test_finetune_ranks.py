@@ -4,24 +4,18 @@ resumed across the group from a checkpoint ends where the uninterrupted run did.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from finetune_ranks import FULL, LORA
+from helpers import free_port
 from safetensors.torch import load_file
 
 from qwen2audio.finetune import finetune
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(model: Path, data: Path, out: Path) -> subprocess.Popen:
