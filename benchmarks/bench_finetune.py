@@ -15,7 +15,6 @@ process's peak RSS (ru_maxrss; the largest over the ranks), weights, optimizer s
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))  # the tiny checkpoint and tokenizer builders of the tests
 from common import build_checkpoint, machine, print_table, signal  # noqa: E402
+from helpers import free_port  # noqa: E402
 
 WORDS = ("glass breaks on a stone floor while a dog barks twice in the distance and rain falls on the roof of "
          "an old wooden house near the sea").split()
@@ -81,12 +81,6 @@ def worker(args: argparse.Namespace) -> None:
 
     options = json.loads(args.worker)
     finetune(**options)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_variant(config: str, name: str, root: Path, steps: int) -> dict:

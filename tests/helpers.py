@@ -132,7 +132,8 @@ def free_port() -> int:
     except (OSError, ValueError, IndexError):
         low = 32768  # Linux's default
     draw = random.SystemRandom()  # not the tests' seeded generator: two test processes must not draw alike
-    for port in [draw.randrange(max(1024, low - 10_000), max(1025, low)) for _ in range(50)]:
+    for _ in range(50):
+        port = draw.randrange(max(1024, low - 10_000), max(1025, low))
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))

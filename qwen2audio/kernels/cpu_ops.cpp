@@ -2,8 +2,8 @@
 //
 // Every function checks its tensors, converts small inputs (activation rows, biases, scales) to the kernel's dtype
 // (fp32; bf16 rows for the AVX512_BF16 kernel), checks that the CPU has the instructions of the family it calls
-// (cpu_kernels.h), and splits the output rows over torch's threads. Weights are used in place: never copied, never
-// converted as a whole.
+// (cpu_kernels.h), and shares the output rows out to torch's threads in tasks (for_tasks). Weights are used in
+// place: never copied, never converted as a whole.
 
 // Only the ATen headers it uses (torch/extension.h alone took 31 s to compile here, these 5 s), and the functions
 // registered as torch operators (torch.ops.qwen2audio_cpu.*), so no Python binding code is compiled.
